@@ -1,0 +1,3 @@
+"""Reverse-proxy authentication gateway."""
+
+__version__ = "0.1.0"

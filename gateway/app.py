@@ -1,0 +1,225 @@
+"""create_app(config, *, redis, clock): the only place that wires the packages together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway.api.auth import AuthApi
+from gateway.api.browser import Browser
+from gateway.api.health import healthz, jwks, readyz
+from gateway.clock import Clock, SystemClock
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.errors import MethodNotAllowed
+from gateway.metrics import Metrics
+from gateway.middlewares import make_middleware
+from gateway.pipeline.authn import Authenticator
+from gateway.pipeline.edge import Edge
+from gateway.pipeline.forwarded import TrustedProxies
+from gateway.pipeline.identity import HeaderPlan
+from gateway.pipeline.proxy import Proxy
+from gateway.pipeline.revocations import RevocationList
+from gateway.pipeline.router import Router, normalise_path
+from gateway.tokens.connection import connect
+from gateway.tokens.service import TokenService
+from gateway.tokens.signer import KeyRing
+from gateway.tokens.store import SessionStore
+from gateway.users import Credentials
+from gateway.users.file import FileUsers
+from gateway.users.verifier import HttpVerifier
+
+log = logging.getLogger("gateway")
+audit_log = logging.getLogger("gateway.audit")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """Everything derived from one config; swapped whole on reload."""
+
+    config: GatewayConfig
+    keyring: KeyRing
+    service: TokenService
+    edge: Edge
+    #: exact normalised path -> method -> handler, for the endpoints the gateway serves itself
+    own: dict[str, dict[str, Handler]]
+    #: `{auth prefix}/sessions/` followed by one path segment (a session id)
+    own_prefix: str
+    own_prefixed: dict[str, Handler]
+
+
+class RuntimeHolder:
+    """The current Runtime; a reload replaces it atomically between two requests."""
+
+    def __init__(self, runtime: Runtime):
+        self.current = runtime
+
+
+@dataclass(slots=True)
+class Shared:
+    """What survives a reload: connections, the revocation list, metrics."""
+
+    redis: Any
+    store: SessionStore
+    session: aiohttp.ClientSession
+    revocations: RevocationList
+    clock: Clock
+    metrics: Metrics
+
+
+HOLDER = web.AppKey("holder", RuntimeHolder)
+SHARED = web.AppKey("shared", Shared)
+CONFIG_PATH = web.AppKey("config_path", str)
+
+
+def build_runtime(config: GatewayConfig, shared: Shared, keyring: KeyRing | None = None) -> Runtime:
+    clock = shared.clock
+    keyring = keyring or KeyRing.from_config(config.tokens, clock)
+    users: Credentials
+    if config.users.file:
+        users = FileUsers(config.users.file)
+    else:
+        assert config.users.verifier is not None
+        users = HttpVerifier(config.users.verifier, shared.session)
+    service = TokenService(config, keyring, shared.store, users, clock, shared.metrics.audit)
+    authn = Authenticator(keyring, shared.revocations, clock, config.tokens.verify_cache_size)
+    trusted = TrustedProxies(config.listen.trusted_proxies)
+    c = config.cookies
+    gateway_cookies = (c.access_name, c.refresh_name, c.session_name, c.csrf_name) if c.enabled else ()
+    plan = HeaderPlan(config.identity, gateway_cookies, trusted)
+    api = AuthApi(config, service, authn, trusted)
+    browser = Browser(config, api, keyring, clock) if config.cookies.enabled else None
+
+    async def session_alive_since(sid: str, iat: float) -> bool:
+        record = await shared.store.get(sid)
+        return bool(record and not record.revoked and record.last_used_ms / 1000 > iat)
+
+    proxy = Proxy(shared.session, clock, session_alive_since, shared.revocations.watch)
+    edge = Edge(
+        config=config, router=Router(config.routes), authn=authn, plan=plan, proxy=proxy,
+        keyring=keyring, clock=clock, browser=browser, session_active=shared.store.is_active,
+    )
+    own: dict[str, dict[str, Handler]] = {
+        "/healthz": {"GET": healthz, "HEAD": healthz},
+        "/readyz": {"GET": readyz(shared.store.ping)},
+        "/.well-known/jwks.json": {"GET": jwks(keyring, max_age=min(300, int(config.tokens.access_ttl)))},
+    }
+    if config.metrics.enabled and config.metrics.port is None:
+        own[config.metrics.path] = {"GET": shared.metrics.handler}
+    for route in api.routes():
+        if "{" not in route.path:
+            own.setdefault(route.path, {})[route.method] = route.handler  # type: ignore[assignment]
+    if browser is not None:
+        for path, methods in browser.routes().items():
+            own.setdefault(path, {}).update(methods)
+    sessions = f"{config.auth.prefix}/sessions/"
+    return Runtime(config, keyring, service, edge, own, sessions, {"DELETE": api.delete_session})
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    """The gateway's own endpoints by exact path; everything else takes the edge path."""
+    runtime = request.app[HOLDER].current
+    path = request.raw_path.partition("?")[0]
+    methods = runtime.own.get(path)
+    if methods is None and path.startswith(runtime.own_prefix):
+        sid = path[len(runtime.own_prefix):]
+        if sid and "/" not in sid:
+            methods = runtime.own_prefixed
+    if methods is None:
+        return await runtime.edge.handle(request)
+    handler = methods.get(request.method)
+    if handler is None:
+        raise MethodNotAllowed(headers={"Allow": ", ".join(sorted(methods))})
+    return await handler(request)
+
+
+async def _revocation_feed(app: web.Application) -> None:
+    """Keep every instance's revocation list current: load the set, then follow the channel."""
+    shared = app[SHARED]
+    backoff = 0.2
+    while True:
+        try:
+            now_ms = int(shared.clock.now() * 1000)
+            shared.revocations.add(await shared.store.revoked_set(now_ms))
+            shared.revocations.prune()
+            backoff = 0.2
+            async for batch in shared.store.subscribe():
+                shared.revocations.add(batch)
+                shared.metrics.revocations_received(len(batch))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the feed must survive any Redis failure
+            log.warning("revocation feed interrupted (%s); reconnecting", type(e).__name__)
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, 5.0)
+
+
+def create_app(
+    config: GatewayConfig, *, redis: Any = None, clock: Clock | None = None,
+    config_path: str | None = None, metrics: Metrics | None = None,
+) -> web.Application:
+    clock = clock or SystemClock()
+    metrics = metrics or Metrics()
+    app = web.Application(middlewares=[make_middleware(config.auth.realm, metrics)],
+                          client_max_size=64 * 1024)
+    if config_path:
+        app[CONFIG_PATH] = config_path
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        client = redis if redis is not None else connect(config.redis)
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=60,
+                                         enable_cleanup_closed=True)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                        cookie_jar=aiohttp.DummyCookieJar(),
+                                        timeout=aiohttp.ClientTimeout(total=None))
+        feed: asyncio.Future[None] | None = None
+        try:
+            shared = Shared(client, SessionStore(client, config.redis.key_prefix), session,
+                            RevocationList(clock), clock, metrics)
+            app[SHARED] = shared
+            app[HOLDER] = RuntimeHolder(build_runtime(config, shared))
+            feed = asyncio.ensure_future(_revocation_feed(app))
+            yield
+        finally:
+            if feed is not None:
+                feed.cancel()
+                await asyncio.gather(feed, return_exceptions=True)
+            await session.close()
+            if redis is None:
+                await client.aclose()
+
+    app.cleanup_ctx.append(resources)
+    app.router.add_route("*", "/{tail:.*}", dispatch)
+    return app
+
+
+def reload(app: web.Application) -> bool:
+    """Re-read the config file; on any error log it and keep serving the old config."""
+    path = app.get(CONFIG_PATH)
+    if not path:
+        return False
+    holder, shared = app[HOLDER], app[SHARED]
+    try:
+        config = load_config(path)
+        if config.redis != holder.current.config.redis or config.listen != holder.current.config.listen:
+            log.warning("reload: listen and redis changes need a restart; they are ignored")
+        keyring = None
+        if config.tokens == holder.current.config.tokens and config.tokens.ephemeral:
+            keyring = holder.current.keyring  # an ephemeral key must survive a reload
+        holder.current = build_runtime(config, shared, keyring)
+    except ConfigError as e:
+        for problem in e.problems:
+            log.error("reload rejected: %s", problem)
+        return False
+    except Exception as e:  # noqa: BLE001 - a bad key or users file must not stop serving
+        log.error("reload rejected: %s", e)
+        return False
+    log.info("configuration reloaded from %s", path)
+    return True

@@ -1,0 +1,183 @@
+"""Where an error becomes a response (the only place), request ids, and the JSON access log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web, web_protocol, web_server
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    HeadersTooLarge,
+    MethodNotAllowed,
+    NoRoute,
+    PayloadTooLarge,
+)
+from gateway.metrics import Metrics
+from gateway.request_state import AUTH_FAILURE, IDENTITY, REQUEST_ID, ROUTE_NAME, UPSTREAM_DURATION
+
+log = logging.getLogger("gateway")
+access_log = logging.getLogger("gateway.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(error: GatewayError, realm: str) -> web.Response:
+    """The JSON body `{"error", "error_description"}` plus the headers the error calls for."""
+    body = json.dumps({"error": error.code, "error_description": error.description})
+    response = web.Response(status=error.status, text=body, content_type="application/json")
+    response.headers["Cache-Control"] = "no-store"
+    for name, value in error.headers.items():
+        response.headers[name] = value
+    if error.bearer_error is not None:
+        challenge = f'Bearer realm="{realm}"'
+        if error.bearer_error:
+            description = error.description.replace('"', "'")
+            challenge += f', error="{error.bearer_error}", error_description="{description}"'
+        response.headers["WWW-Authenticate"] = challenge
+    return response
+
+
+def _from_http_exception(e: web.HTTPException) -> GatewayError:
+    """aiohttp's own exceptions (raised by aiohttp internals) in our vocabulary."""
+    if e.status == 404:
+        return NoRoute()
+    if e.status == 405:
+        return MethodNotAllowed()
+    if e.status == 413:
+        return PayloadTooLarge()
+    if e.status == 431:
+        return HeadersTooLarge()
+    if 400 <= e.status < 500:
+        error = BadRequest(e.reason)
+        error.status = e.status
+        return error
+    return GatewayError()
+
+
+def new_request_id(supplied: str | None) -> str:
+    if supplied and _REQUEST_ID.match(supplied):
+        return supplied
+    return os.urandom(16).hex()
+
+
+def make_middleware(
+    realm: str, metrics: Metrics
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = new_request_id(request.headers.get("X-Request-Id"))
+        request[REQUEST_ID] = request_id
+        started = time.monotonic()
+        metrics.in_flight.inc()
+        status = 499  # the client went away before we answered
+        try:
+            try:
+                response = await handler(request)
+            except GatewayError as e:
+                response = error_response(e, realm)
+                failure = request.get(AUTH_FAILURE)
+                if failure:
+                    metrics.token_failure(failure)
+            except web.HTTPException as e:
+                response = error_response(_from_http_exception(e), realm)
+            except (asyncio.CancelledError, ConnectionResetError):
+                raise
+            except Exception:
+                # Logged with its traceback for operators; the client learns only the request id.
+                log.exception("unhandled error (request id %s)", request_id)
+                response = error_response(GatewayError(), realm)
+            if not response.prepared:
+                response.headers["X-Request-Id"] = request_id
+            status = response.status
+            return response
+        finally:
+            metrics.in_flight.dec()
+            metrics.observe_request(request.get(ROUTE_NAME, "gateway"), status,
+                                    time.monotonic() - started, request.get(UPSTREAM_DURATION))
+
+    return gateway_middleware
+
+
+class JsonAccessLogger(AbstractAccessLogger):
+    """One JSON line per request; the path without its query (values there may be secrets)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time_: float) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        identity = request.get(IDENTITY)
+        upstream = request.get(UPSTREAM_DURATION)
+        record: dict[str, Any] = {
+            "time": _iso(time.time()),
+            "request_id": request.get(REQUEST_ID),
+            "remote": request.remote,
+            "method": request.method,
+            "path": request.raw_path.partition("?")[0][:2048],
+            "route": request.get(ROUTE_NAME),
+            "status": response.status,
+            "bytes": response.body_length,
+            "duration_ms": round(time_ * 1000, 3),
+            "upstream_ms": round(upstream * 1000, 3) if upstream is not None else None,
+            "user_id": identity.sub if identity else None,
+            "session_id": identity.sid if identity else None,
+        }
+        failure = request.get(AUTH_FAILURE)
+        if failure:
+            record["auth_failure"] = failure
+        self.logger.info(json.dumps(record, separators=(",", ":")))
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+class _JsonErrorRequestHandler(web_protocol.RequestHandler):  # type: ignore[misc]
+    """Errors aiohttp raises before any handler runs (bad request line, oversized headers) get
+    the same JSON body as everything else, and are not logged as server errors."""
+
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, LineTooLong):
+            error: GatewayError = HeadersTooLarge()
+        elif isinstance(exc, BadHttpMessage) or 400 <= status < 500:
+            error = BadRequest("The request could not be parsed as HTTP/1.1.")
+            error.status = status if 400 <= status < 500 else 400
+        else:
+            log.error("error handling request: %s", type(exc).__name__ if exc else status)
+            error = GatewayError()
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        response = error_response(error, "gateway")
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(web_server.Server):  # type: ignore[misc]
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """An AppRunner whose protocol-level errors are JSON too."""
+
+    async def _make_server(self) -> web_server.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer
+        return server

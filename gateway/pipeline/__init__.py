@@ -1,0 +1,1 @@
+"""The edge path every proxied request takes: route -> authenticate -> authorize -> identity -> proxy."""

@@ -1,0 +1,178 @@
+"""Running the gateway: one worker process, or N on one port (SO_REUSEPORT) under a supervisor
+that relays SIGTERM/SIGINT (drain and exit) and SIGHUP (reload) to every worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from aiohttp import web
+
+from gateway.app import SHARED, create_app, reload
+from gateway.config import GatewayConfig, load_config
+from gateway.metrics import Metrics
+from gateway.middlewares import GatewayRunner, JsonAccessLogger
+
+log = logging.getLogger("gateway")
+_RAW = ("gateway.access", "gateway.audit")
+
+
+class JsonFormatter(logging.Formatter):
+    """Every log line is one JSON object; access and audit lines are already JSON."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.name in _RAW and message.startswith("{"):
+            return message
+        line: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
+            "level": record.levelname.lower(), "logger": record.name, "message": message,
+            "pid": record.process,
+        }
+        if record.exc_info and record.exc_info[0] is not None:
+            line["error"] = record.exc_info[0].__name__
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line, separators=(",", ":"))
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's own access logger would duplicate ours; its server logger stays at warning.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def install_uvloop() -> bool:
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def runner_for(app: web.Application, config: GatewayConfig) -> GatewayRunner:
+    listen = config.listen
+    return GatewayRunner(
+        app,
+        handle_signals=False,
+        handler_cancellation=True,
+        access_log_class=JsonAccessLogger,
+        access_log=logging.getLogger("gateway.access") if config.logging.access_log else None,
+        keepalive_timeout=listen.keepalive_timeout,
+        max_line_size=listen.max_line_size,
+        max_field_size=listen.max_field_size,
+        max_headers=listen.max_headers,
+        shutdown_timeout=listen.drain_timeout,
+    )
+
+
+async def run_worker(config_path: str, *, reuse_port: bool = False,
+                     ready: asyncio.Event | None = None) -> None:
+    config = load_config(config_path)
+    metrics = Metrics()
+    app = create_app(config, config_path=config_path, metrics=metrics)
+    runner = runner_for(app, config)
+    await runner.setup()
+    site = web.TCPSite(runner, config.listen.host, config.listen.port, reuse_port=reuse_port,
+                       backlog=1024)
+    await site.start()
+    admin: web.AppRunner | None = None
+    if config.metrics.enabled and config.metrics.port is not None:
+        admin_app = web.Application()
+        admin_app.router.add_get(config.metrics.path, metrics.handler)
+        admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
+        await admin.setup()
+        await web.TCPSite(admin, config.metrics.host, config.metrics.port,
+                          reuse_port=reuse_port).start()
+    if config.tokens.ephemeral:
+        log.warning("no signing key configured: using an ephemeral key (tokens end with the process)")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload(app))
+    log.info("listening on http://%s:%s (pid %d)", config.listen.host, config.listen.port,
+             os.getpid())
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("draining in-flight requests (up to %.0fs)", config.listen.drain_timeout)
+    # Stops accepting, lets in-flight requests finish, then closes Redis and upstream pools.
+    if admin is not None:
+        await admin.cleanup()
+    await runner.cleanup()
+    _ = app.get(SHARED)
+    log.info("stopped")
+
+
+def serve(config_path: str, workers: int) -> int:
+    config = load_config(config_path)
+    setup_logging(config.logging.level)
+    if workers <= 1 and not os.environ.get("GATEWAY_WORKER"):
+        install_uvloop()
+        asyncio.run(run_worker(config_path))
+        return 0
+    if os.environ.get("GATEWAY_WORKER"):
+        install_uvloop()
+        asyncio.run(run_worker(config_path, reuse_port=True))
+        return 0
+    return supervise(config_path, config, workers)
+
+
+def supervise(config_path: str, config: GatewayConfig, workers: int) -> int:
+    if config.redis.embedded:
+        log.error("--workers > 1 needs a shared Redis: memory:// is per process")
+        return 2
+    if config.tokens.ephemeral:
+        log.error("--workers > 1 needs a configured signing key: ephemeral keys differ per process")
+        return 2
+    metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+    env = {**os.environ, "GATEWAY_WORKER": "1", "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    cmd = [sys.executable, "-m", "gateway", "serve", "-c", config_path]
+    procs = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
+    stopping = False
+
+    def relay(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, relay)
+    log.info("supervising %d workers", workers)
+    try:
+        while True:
+            time.sleep(0.2)
+            for i, p in enumerate(procs):
+                code = p.poll()
+                if code is None:
+                    continue
+                if stopping:
+                    continue
+                log.error("worker %d exited with %s; restarting", p.pid, code)
+                time.sleep(0.5)
+                procs[i] = subprocess.Popen(cmd, env=env)
+            if stopping and all(p.poll() is not None for p in procs):
+                return 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for name in os.listdir(metrics_dir):
+            os.unlink(os.path.join(metrics_dir, name))
+        os.rmdir(metrics_dir)

@@ -1,0 +1,1 @@
+"""The token service: key ring, JWKS, session store and login/refresh/logout policy (no aiohttp)."""

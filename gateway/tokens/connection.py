@@ -1,0 +1,49 @@
+"""Builds the redis.asyncio client the config asks for: embedded, single server, Sentinel or Cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
+
+from gateway.config.model import RedisConfig
+
+
+def _options(config: RedisConfig) -> dict[str, Any]:
+    return {
+        "socket_timeout": config.timeout,
+        "socket_connect_timeout": config.connect_timeout,
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), config.retries),
+        "decode_responses": False,
+        "health_check_interval": 15,
+    }
+
+
+def connect(config: RedisConfig) -> Any:
+    """A client for the configured topology. `memory://` is fakeredis: same commands, same Lua."""
+    if config.embedded:
+        import fakeredis  # imported here: only the embedded mode needs it
+
+        return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=False)
+    if config.sentinel is not None:
+        hosts = []
+        for address in config.sentinel.addresses:
+            host, _, port = address.rpartition(":")
+            hosts.append((host.strip("[]") or "127.0.0.1", int(port or 26379)))
+        sentinel = Sentinel(
+            hosts,
+            sentinel_kwargs={"socket_timeout": config.timeout, "password": config.sentinel.password},
+            **_options(config),
+        )
+        return sentinel.master_for(
+            config.sentinel.service_name, max_connections=config.pool_size
+        )
+    if config.cluster:
+        opts = _options(config)
+        opts.pop("health_check_interval")
+        return RedisCluster.from_url(config.url, max_connections=config.pool_size, **opts)
+    return aioredis.Redis.from_url(config.url, max_connections=config.pool_size, **_options(config))

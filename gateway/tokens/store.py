@@ -1,0 +1,256 @@
+"""Sessions, rate-limit counters and the revocation feed in Redis, behind intent-named methods.
+
+Keys (prefix `gw:` by default) are hash-tagged so each Lua script touches one cluster slot:
+  {p}s:{sid}      session hash (the only copy of a session; TTL = its idle expiry)
+  {p}g:{sid}      encrypted successor token during the reuse-grace window (TTL = grace)
+  {p}u:{user}     sorted set of a user's sids scored by absolute expiry (the per-user index)
+  {p}revoked      sorted set of revoked sids scored by when their last access token expires
+  {p}rl:...       fixed-window rate-limit counters
+Redis errors are translated here, once, into StoreUnavailable.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import importlib.resources
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from redis.exceptions import RedisError
+
+from gateway.errors import StoreUnavailable
+
+T = TypeVar("T")
+
+
+def _lua(name: str) -> str:
+    return importlib.resources.files("gateway.tokens").joinpath(f"lua/{name}.lua").read_text()
+
+
+def _tag(value: str) -> str:
+    """A hash-tag-safe rendering of an arbitrary string (user names may contain braces)."""
+    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    sid: str
+    sub: str
+    roles: tuple[str, ...]
+    extra: str
+    created_ms: int
+    last_used_ms: int
+    expires_ms: int
+    max_expires_ms: int
+    ip: str
+    user_agent: str
+    revoked: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RotateResult:
+    kind: str  # rotated | grace | reused | verify | revoked | expired | missing | invalid
+    sub: str = ""
+    roles: tuple[str, ...] = ()
+    extra: str = ""
+    expires_ms: int = 0
+    blob: bytes = b""
+    mac_key: bytes = b""
+
+
+def _s(value: bytes | None) -> str:
+    return value.decode() if value else ""
+
+
+def _roles(value: bytes | None) -> tuple[str, ...]:
+    return tuple(r for r in _s(value).split(",") if r)
+
+
+class SessionStore:
+    def __init__(self, redis: Any, prefix: str):
+        self.redis = redis
+        self.prefix = prefix
+        self.channel = f"{prefix}revocations"
+        self._revoked_key = f"{prefix}revoked"
+        self._rotate = redis.register_script(_lua("rotate"))
+        self._revoke = redis.register_script(_lua("revoke"))
+        self._create = redis.register_script(_lua("create"))
+        self._hit = redis.register_script(_lua("hit"))
+
+    # --- keys ------------------------------------------------------------------------------
+    def _session_keys(self, sid: str) -> list[str]:
+        return [f"{self.prefix}s:{{{sid}}}", f"{self.prefix}g:{{{sid}}}"]
+
+    def _user_key(self, sub: str) -> str:
+        return f"{self.prefix}u:{{{_tag(sub)}}}"
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except (RedisError, OSError, TimeoutError) as e:
+            raise StoreUnavailable() from e
+
+    # --- sessions --------------------------------------------------------------------------
+    async def create(
+        self, record: SessionRecord, body_hash: bytes, mac_key: bytes, max_per_user: int
+    ) -> list[str]:
+        """Store a new session and index it; returns sids evicted beyond `max_per_user`."""
+        fields: list[Any] = [
+            "sub", record.sub, "r", ",".join(record.roles), "c", record.created_ms,
+            "u", record.last_used_ms, "x", record.expires_ms, "m", record.max_expires_ms,
+            "g", 0, "h", body_hash, "k", mac_key, "ip", record.ip, "ua", record.user_agent,
+        ]
+        if record.extra:
+            fields += ["e", record.extra]
+        keys = self._session_keys(record.sid)
+        await self._call(lambda: self._create(keys=keys[:1], args=[record.expires_ms, *fields]))
+        return await self._index_add(record.sub, record.sid, record.max_expires_ms,
+                                     record.created_ms, max_per_user)
+
+    async def _index_add(self, sub: str, sid: str, max_ms: int, now_ms: int, cap: int) -> list[str]:
+        key = self._user_key(sub)
+
+        async def run() -> list[str]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zremrangebyscore(key, "-inf", now_ms)
+                pipe.zadd(key, {sid: max_ms})
+                pipe.zrange(key, 0, -1)
+                pipe.pexpireat(key, max_ms, gt=True)
+                res = await pipe.execute()
+            members = [m.decode() for m in res[2]]
+            # Oldest by absolute expiry come first; everything past the cap is evicted.
+            return members[: max(0, len(members) - cap)]
+
+        return await self._call(run)
+
+    async def rotate(
+        self, sid: str, gen: int, presented: bytes, successor: bytes,
+        now_ms: int, idle_ms: int, grace_ms: int, blob: bytes,
+    ) -> RotateResult:
+        keys = self._session_keys(sid)
+        args = [gen, presented, successor, now_ms, idle_ms, max(1, grace_ms), blob]
+        reply = await self._call(lambda: self._rotate(keys=keys, args=args))
+        kind = reply[0].decode()
+        if kind in ("rotated", "grace"):
+            return RotateResult(
+                kind, sub=_s(reply[2]), roles=_roles(reply[3]), extra=_s(reply[4]),
+                expires_ms=int(reply[1]) if kind == "rotated" else 0,
+                blob=reply[1] if kind == "grace" else b"", mac_key=reply[5] or b"",
+            )
+        if kind == "reused":
+            return RotateResult(kind, sub=_s(reply[1]))
+        if kind == "verify":
+            return RotateResult(kind, mac_key=reply[1] or b"", sub=_s(reply[2]))
+        return RotateResult(kind)
+
+    async def revoke(self, sid: str, reason: str) -> str | None:
+        """Mark a session revoked (atomically with its grace blob); returns its user or None."""
+        reply = await self._call(lambda: self._revoke(keys=self._session_keys(sid), args=[reason]))
+        return _s(reply) or None
+
+    async def unindex(self, sub: str, sids: list[str]) -> None:
+        if sids:
+            await self._call(lambda: self.redis.zrem(self._user_key(sub), *sids))
+
+    async def get(self, sid: str) -> SessionRecord | None:
+        raw = await self._call(lambda: self.redis.hgetall(self._session_keys(sid)[0]))
+        return self._record(sid, raw)
+
+    async def holder(self, sid: str, digest: bytes) -> str | None:
+        """The user of a live session whose current (or just-rotated) token has this digest."""
+        key = self._session_keys(sid)[0]
+        h, p, sub, rv = await self._call(lambda: self.redis.hmget(key, "h", "p", "sub", "rv"))
+        if not sub or rv:
+            return None
+        if (h and hmac.compare_digest(h, digest)) or (p and hmac.compare_digest(p, digest)):
+            return _s(sub)
+        return None
+
+    async def is_active(self, sid: str) -> bool:
+        key = self._session_keys(sid)[0]
+        raw = await self._call(lambda: self.redis.hmget(key, "sub", "rv"))
+        return bool(raw[0]) and not raw[1]
+
+    async def user_sids(self, sub: str, now_ms: int) -> list[str]:
+        raw = await self._call(
+            lambda: self.redis.zrangebyscore(self._user_key(sub), now_ms, "+inf")
+        )
+        return [m.decode() for m in raw]
+
+    async def user_sessions(self, sub: str, now_ms: int) -> list[SessionRecord]:
+        sids = await self.user_sids(sub, now_ms)
+        out: list[SessionRecord] = []
+        stale: list[str] = []
+        for sid in sids:
+            record = await self.get(sid)
+            if record is None or record.revoked or record.sub != sub:
+                stale.append(sid)
+            else:
+                out.append(record)
+        await self.unindex(sub, stale)
+        return out
+
+    @staticmethod
+    def _record(sid: str, raw: dict[bytes, bytes]) -> SessionRecord | None:
+        if not raw or b"sub" not in raw:
+            return None
+        num = lambda k: int(raw.get(k, b"0"))  # noqa: E731
+        return SessionRecord(
+            sid=sid, sub=_s(raw[b"sub"]), roles=_roles(raw.get(b"r")), extra=_s(raw.get(b"e")),
+            created_ms=num(b"c"), last_used_ms=num(b"u"), expires_ms=num(b"x"),
+            max_expires_ms=num(b"m"), ip=_s(raw.get(b"ip")), user_agent=_s(raw.get(b"ua")),
+            revoked=_s(raw.get(b"rv")) or None,
+        )
+
+    # --- revocation feed -------------------------------------------------------------------
+    async def announce_revoked(self, sids: list[str], until_ms: int, now_ms: int) -> None:
+        """Record revoked sids until their last access token expires, and tell every instance."""
+        if not sids:
+            return
+
+        async def run() -> None:
+            await self.redis.zadd(self._revoked_key, {sid: until_ms for sid in sids})
+            await self.redis.zremrangebyscore(self._revoked_key, "-inf", now_ms)
+            await self.redis.publish(self.channel, " ".join(f"{s}:{until_ms}" for s in sids))
+
+        await self._call(run)
+
+    async def revoked_set(self, now_ms: int) -> list[tuple[str, int]]:
+        raw = await self._call(
+            lambda: self.redis.zrangebyscore(self._revoked_key, now_ms, "+inf", withscores=True)
+        )
+        return [(m.decode(), int(score)) for m, score in raw]
+
+    async def subscribe(self) -> AsyncIterator[list[tuple[str, int]]]:
+        """Yields batches of (sid, until_ms) as revocations are published. Raises on disconnect."""
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(self.channel)
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if msg is None or msg.get("type") != "message":
+                    continue
+                batch: list[tuple[str, int]] = []
+                for item in _s(msg["data"]).split():
+                    sid, _, until = item.rpartition(":")
+                    if sid and until.isdigit():
+                        batch.append((sid, int(until)))
+                yield batch
+        finally:
+            try:
+                await pubsub.aclose()
+            except Exception:  # noqa: BLE001 - a broken connection cannot be closed cleanly
+                pass
+
+    # --- rate limits -----------------------------------------------------------------------
+    async def hit(self, kind: str, subject: str, window_ms: int, increment: int = 1) -> tuple[int, int]:
+        """Count one event (or peek with 0); returns (count in window, ms until the window resets)."""
+        key = f"{self.prefix}rl:{kind}:{{{_tag(subject)}}}"
+        n, ttl = await self._call(lambda: self._hit(keys=[key], args=[window_ms, increment]))
+        return int(n), int(ttl)
+
+    async def ping(self) -> bool:
+        await self._call(lambda: self.redis.ping())
+        return True

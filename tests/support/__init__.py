@@ -1,0 +1,1 @@
+"""Real components on loopback for tests: redis-server, upstreams, gateway processes."""
