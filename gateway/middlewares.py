@@ -22,6 +22,7 @@ from gateway.errors import (
     MethodNotAllowed,
     NoRoute,
     PayloadTooLarge,
+    RequestTimeout,
 )
 from gateway.metrics import Metrics
 from gateway.request_state import AUTH_FAILURE, IDENTITY, REQUEST_ID, ROUTE_NAME, UPSTREAM_DURATION
@@ -147,8 +148,54 @@ def _iso(ts: float) -> str:
 
 
 class _JsonErrorRequestHandler(web_protocol.RequestHandler):  # type: ignore[misc]
-    """Errors aiohttp raises before any handler runs (bad request line, oversized headers) get
-    the same JSON body as everything else, and are not logged as server errors."""
+    """The HTTP/1.1 connection handler, with two additions.
+
+    Errors aiohttp raises before any handler runs (bad request line, oversized headers) get the
+    same JSON body as everything else and are not logged as server errors. And a client must
+    finish each request head within `header_timeout` once it has started sending it, so a
+    slow-header client cannot hold a connection (and its memory) for ever.
+    """
+
+    header_timeout = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+    _awaiting_head = True
+
+    def data_received(self, data: bytes) -> None:
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count > before:
+            self._awaiting_head = False
+            self._cancel_head_timer()
+        elif self._awaiting_head and data and self._head_timer is None:
+            self._head_timer = self._loop.call_later(self.header_timeout, self._head_too_slow)
+
+    def log_access(self, request: web.BaseRequest, response: web.StreamResponse,
+                   time: float | None) -> None:
+        super().log_access(request, response, time)
+        self._awaiting_head = True  # the next bytes on this connection start a new head
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        transport = self.transport
+        if not self._awaiting_head or transport is None or transport.is_closing():
+            return
+        body = json.dumps({"error": RequestTimeout.code,
+                           "error_description": RequestTimeout.description}).encode()
+        transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+            + body
+        )
+        transport.close()
 
     def handle_error(
         self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
@@ -169,15 +216,21 @@ class _JsonErrorRequestHandler(web_protocol.RequestHandler):  # type: ignore[mis
         return response
 
 
-class _JsonErrorServer(web_server.Server):  # type: ignore[misc]
-    def __call__(self) -> web_protocol.RequestHandler:
-        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
-
-
 class GatewayRunner(web.AppRunner):
-    """An AppRunner whose protocol-level errors are JSON too."""
+    """An AppRunner whose connections answer protocol errors in JSON and time out slow heads."""
+
+    def __init__(self, app: web.Application, *, header_timeout: float = 10.0, **kwargs: Any):
+        super().__init__(app, **kwargs)
+        handler = type("RequestHandler", (_JsonErrorRequestHandler,),
+                       {"header_timeout": header_timeout})
+
+        class Server(web_server.Server):  # type: ignore[misc]
+            def __call__(self) -> web_protocol.RequestHandler:
+                return handler(self, loop=self._loop, **self._kwargs)
+
+        self._server_class = Server
 
     async def _make_server(self) -> web_server.Server:
         server = await super()._make_server()
-        server.__class__ = _JsonErrorServer
+        server.__class__ = self._server_class
         return server

@@ -66,6 +66,7 @@ def runner_for(app: web.Application, config: GatewayConfig) -> GatewayRunner:
     listen = config.listen
     return GatewayRunner(
         app,
+        header_timeout=listen.header_timeout,
         handle_signals=False,
         handler_cancellation=True,
         access_log_class=JsonAccessLogger,
