@@ -37,7 +37,7 @@ async def _app_page(request: web.Request) -> web.Response:
 async function burst(n) {{
   const results = await Promise.all([...Array(n).keys()].map(i =>
     fetch('/app/api/item/' + i, {{headers: {{'Accept': 'application/json'}}}})
-      .then(r => r.status + ':' + (r.headers.get('content-type') || ''))
+      .then(async r => r.status + ':' + (r.ok ? (await r.json()).headers['X-User-Id'] : ''))
       .catch(e => 'error:' + e)));
   const ul = document.getElementById('fetches');
   ul.innerHTML = '';

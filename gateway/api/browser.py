@@ -11,9 +11,8 @@ import hmac
 import html
 import re
 import secrets
-from urllib.parse import quote, unquote, urlsplit
-
 from collections.abc import Awaitable, Callable
+from urllib.parse import quote, unquote, urlsplit
 
 from aiohttp import web
 
@@ -32,10 +31,16 @@ from gateway.tokens.service import TokenPair
 from gateway.tokens.signer import KeyRing
 
 _CONTROL = re.compile(r"[\x00-\x20\x7f\\]")
+#: Once decoded (by a browser, an app or a second redirect), an encoded space is harmless;
+#: encoded controls and backslashes are not.
+_DECODED_BAD = re.compile(r"[\x00-\x1f\x7f\\]")
+#: Kept literally in a return target; anything else (non-ASCII, quotes, <>) is percent-encoded
+#: so the Location header stays plain ASCII.
+_URL_SAFE = "/?#[]@!$&'()*+,;=:%~"
+#: allowed_return_hosts that can be named in the CSP header as they are.
+_CSP_HOST = re.compile(r"^[a-z0-9.-]+(:\d{1,5})?$")
 _PAGE_HEADERS = {
     "Cache-Control": "no-store",
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
-                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
@@ -47,15 +52,15 @@ def safe_return(target: str | None, allowed_hosts: frozenset[str]) -> str:
     if not target or len(target) > 2048 or _CONTROL.search(target):
         return "/"
     decoded = unquote(unquote(target))
-    if _CONTROL.search(decoded) or decoded.startswith(("//", "/\\")):
+    if _DECODED_BAD.search(decoded) or decoded.startswith("//"):
         return "/"
     parts = urlsplit(target)
     if target.startswith("/") and not target.startswith("//") and not parts.scheme and not parts.netloc:
-        return target
+        return quote(target, safe=_URL_SAFE)
     if parts.scheme in ("https", "http") and parts.hostname and not parts.username:
         host = parts.netloc.lower()
         if host in allowed_hosts or (parts.hostname or "") in allowed_hosts:
-            return target
+            return quote(target, safe=_URL_SAFE)
     return "/"
 
 
@@ -68,6 +73,14 @@ class Browser:
         self._keyring = keyring
         self._clock = clock
         self._allowed = frozenset(h.lower() for h in config.auth.allowed_return_hosts)
+        # form-action also governs the redirect after the POST: allowed return hosts need it.
+        targets = " ".join(sorted(h for h in self._allowed if _CSP_HOST.match(h)))
+        self._page_headers = {
+            **_PAGE_HEADERS,
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                                       f"form-action 'self' {targets}".rstrip()
+                                       + "; frame-ancestors 'none'; base-uri 'none'",
+        }
 
     def routes(self) -> dict[str, dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]]:
         p = self._prefix
@@ -136,9 +149,12 @@ class Browser:
             message=(f'<p class="error" role="alert" id="error">{html.escape(message)}</p>'
                      if message else ""),
             described='aria-describedby="error"' if message else "",
+            # After a failed attempt the username is kept: the password is what to type next.
+            focus_username="" if username else "autofocus",
+            focus_password="autofocus" if username else "",
         )
         response = web.Response(status=status, text=body, content_type="text/html",
-                                headers=_PAGE_HEADERS)
+                                headers=self._page_headers)
         response.set_cookie(self._cookies.csrf_name, csrf, path=self._prefix, httponly=True,
                             secure=self._cookies.secure, samesite="Strict",
                             domain=self._cookies.domain)
@@ -200,7 +216,7 @@ class Browser:
         else:
             response = web.Response(text=_SIGNED_OUT.format(
                 sign_in=html.escape(f"{self._prefix}/sign-in")), content_type="text/html",
-                headers=_PAGE_HEADERS)
+                headers=self._page_headers)
         self._clear(response)
         return response
 
@@ -244,10 +260,10 @@ _SIGN_IN = """<!doctype html>
 <input type="hidden" name="return" value="{return_to}">
 <label for="username">Username</label>
 <input id="username" name="username" type="text" autocomplete="username" autocapitalize="none"
- spellcheck="false" required value="{username}" {described} autofocus>
+ spellcheck="false" required value="{username}" {described} {focus_username}>
 <label for="password">Password</label>
 <input id="password" name="password" type="password" autocomplete="current-password" required
- {described}>
+ {described} {focus_password}>
 <button type="submit">Sign in</button>
 </form></main></body></html>
 """
