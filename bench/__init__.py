@@ -1,0 +1,1 @@
+"""The on-demand benchmark suite (bench/run); never part of the test suite."""

@@ -1,0 +1,269 @@
+"""Redis cost of sessions: memory per session (every index included) and refresh latency as the
+number of sessions grows.
+
+  memory: FLUSHALL, create N sessions the way `SessionStore.create` does (create.lua, then the
+          per-user index commands; pipelined 1000 at a time, and checked against a session made
+          by store.create itself), then (INFO used_memory delta) / N. Two users' worth
+          of record shape are measured: a browser User-Agent (111 chars) and a short one.
+  scale:  probe sessions created through the store, then filler sessions bulk-loaded by a Lua
+          script writing create.lua's hash layout (same fields, same value sizes) and the user
+          index, up to each level (1k, 100k, 1M); at each level the probes are rotated
+          back to back by one client and `SessionStore.rotate` p50/p99 is recorded.
+
+  python bench/micro_redis.py --redis-url redis://127.0.0.1:PORT/0 --flush-ok [--quick]
+FLUSHALL wipes that Redis: --flush-ok says it is a throwaway server (the suite starts its own).
+Bounded: each phase has a time budget; a level that cannot be loaded in time is reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.benchlib import BROWSER_UA, summary_ms, write_json  # noqa: E402
+from gateway.config.model import RedisConfig  # noqa: E402
+from gateway.tokens import refresh as rt  # noqa: E402
+from gateway.tokens.connection import connect  # noqa: E402
+from gateway.tokens.store import SessionRecord, SessionStore, _tag  # noqa: E402
+
+PREFIX = "gw:"
+SHORT_UA = "curl/8.5.0"
+DAY_MS = 86_400_000
+
+# Filler sessions with create.lua's layout. KEYS unused (standalone Redis only, never a cluster).
+# ARGV: prefix, first index, count, now_ms, exp_ms, max_ms, user agent, sessions per user
+_BULK = """
+local p, first, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, exp, max, ua, per = ARGV[4], ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
+for i = first, first + n - 1 do
+  local sid = string.format('F%021d', i)
+  local digest = redis.sha1hex(sid)
+  local user = string.format('fill%08d', math.floor(i / per))
+  local key = p .. 's:{' .. sid .. '}'
+  redis.call('HSET', key, 'sub', user, 'r', 'user', 'c', now, 'u', now, 'x', exp, 'm', max,
+             'g', 0, 'h', string.sub(digest .. digest, 1, 32), 'k', string.sub(digest, 1, 16),
+             'ip', '203.0.113.7', 'ua', ua, 'e', '{"email":"' .. user .. '@example.com"}')
+  redis.call('PEXPIREAT', key, exp)
+  local ukey = p .. 'u:{' .. user .. '}'
+  redis.call('ZADD', ukey, max, sid)
+  redis.call('PEXPIREAT', ukey, max)
+end
+return n
+"""
+
+
+def record(sid: str, user: str, ua: str, now_ms: int) -> SessionRecord:
+    return SessionRecord(
+        sid=sid, sub=user, roles=("user",), extra=f'{{"email":"{user}@example.com"}}',
+        created_ms=now_ms, last_used_ms=now_ms, expires_ms=now_ms + 14 * DAY_MS,
+        max_expires_ms=now_ms + 30 * DAY_MS, ip="203.0.113.7", user_agent=ua, revoked=None,
+    )
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def used_memory(redis: Any) -> int:
+    return int((await redis.info("memory"))["used_memory"])
+
+
+def _fields(r: SessionRecord, body_hash: bytes, mac_key: bytes) -> list[Any]:
+    """The hash fields SessionStore.create writes (checked against it by `_same_layout`)."""
+    fields: list[Any] = [
+        "sub", r.sub, "r", ",".join(r.roles), "c", r.created_ms, "u", r.last_used_ms,
+        "x", r.expires_ms, "m", r.max_expires_ms, "g", 0, "h", body_hash, "k", mac_key,
+        "ip", r.ip, "ua", r.user_agent,
+    ]
+    return fields + (["e", r.extra] if r.extra else [])
+
+
+async def create_pipelined(redis: Any, store: SessionStore, records: list[SessionRecord],
+                           digests: list[bytes]) -> None:
+    """What SessionStore.create sends (create.lua, then the user-index commands), for a batch of
+    sessions in one pipeline instead of two round trips each."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for r, digest in zip(records, digests):
+            key = f"{PREFIX}s:{{{r.sid}}}"
+            fields = _fields(r, digest, os.urandom(16))
+            await store._create(keys=[key], args=[r.expires_ms, *fields], client=pipe)
+            user = f"{PREFIX}u:{{{_tag(r.sub)}}}"
+            pipe.zremrangebyscore(user, "-inf", r.created_ms)
+            pipe.zadd(user, {r.sid: r.max_expires_ms})
+            pipe.pexpireat(user, r.max_expires_ms, nx=True)
+            pipe.pexpireat(user, r.max_expires_ms, gt=True)
+        await pipe.execute()
+
+
+async def _same_layout(redis: Any, store: SessionStore, ua: str) -> None:
+    """A session written by the pipeline path must look exactly like one from store.create:
+    the same hash fields with values of the same sizes, an expiry, and an expiring user index."""
+    now_ms = int(time.time() * 1000)
+    a = record(rt.new_sid(), "layout-a", ua, now_ms)
+    b = record(rt.new_sid(), "layout-b", ua, now_ms)
+    await store.create(a, os.urandom(32), os.urandom(16), 100)
+    await create_pipelined(redis, store, [b], [os.urandom(32)])
+
+    async def shape(r: SessionRecord) -> tuple[Any, ...]:
+        key, user = f"{PREFIX}s:{{{r.sid}}}", f"{PREFIX}u:{{{_tag(r.sub)}}}"
+        raw = await redis.hgetall(key)
+        return (tuple(sorted((k, len(v)) for k, v in raw.items())), await redis.pttl(key) > 0,
+                await redis.zcard(user), await redis.pttl(user) > 0)
+
+    if await shape(a) != await shape(b):
+        raise RuntimeError("the pipelined create no longer matches SessionStore.create: "
+                           f"{await shape(a)} != {await shape(b)}")
+    for r in (a, b):
+        await redis.delete(f"{PREFIX}s:{{{r.sid}}}", f"{PREFIX}u:{{{_tag(r.sub)}}}")
+
+
+async def create_sessions(store: SessionStore, n: int, ua: str, per_user: int,
+                          budget: float) -> tuple[int, float, list[tuple[str, bytes]]]:
+    """n sessions, 1000 per pipeline; returns (created, seconds, the first sessions as probes)."""
+    redis = store.redis
+    now_ms = int(time.time() * 1000)
+    created, start = 0, time.monotonic()
+    probes: list[tuple[str, bytes]] = []
+    while created < n and time.monotonic() - start < budget:
+        batch = min(1000, n - created)
+        records, digests = [], []
+        for i in range(created, created + batch):
+            sid = rt.new_sid()
+            token = rt.mint(sid, 0, (now_ms + 14 * DAY_MS) // 1000, (now_ms + 30 * DAY_MS) // 1000)
+            records.append(record(sid, f"user{i // per_user:07d}", ua, now_ms))
+            digests.append(token.digest)
+        await create_pipelined(redis, store, records, digests)
+        probes.extend((r.sid, d) for r, d in zip(records[:256 - len(probes)], digests))
+        created += batch
+    return created, time.monotonic() - start, probes
+
+
+async def memory_per_session(redis: Any, n: int, ua: str, budget: float) -> dict[str, Any]:
+    await redis.flushall()
+    await redis.execute_command("MEMORY", "PURGE")
+    store = SessionStore(redis, PREFIX)
+    await _same_layout(redis, store, ua)
+    before = await used_memory(redis)
+    created, seconds, probes = await create_sessions(store, n, ua, per_user=2, budget=budget)
+    after = await used_memory(redis)
+    sid = probes[0][0]
+    session_key = f"{PREFIX}s:{{{sid}}}"
+    record0 = await store.get(sid)
+    assert record0 is not None
+    user_key = f"{PREFIX}u:{{{_tag(record0.sub)}}}"
+    return {
+        "sessions": created, "users": (created + 1) // 2, "user_agent_chars": len(ua),
+        "create_seconds": round(seconds, 2), "creates_per_s": round(created / seconds),
+        "used_memory_delta": after - before,
+        "bytes_per_session": round((after - before) / created),
+        "keys": int(await redis.dbsize()),
+        "session_hash_encoding": (await redis.object("encoding", session_key)).decode(),
+        "session_hash_memory_usage": await redis.memory_usage(session_key),
+        "user_index_encoding": (await redis.object("encoding", user_key)).decode(),
+        "user_index_memory_usage": await redis.memory_usage(user_key),
+    }
+
+
+async def rotate_latency(store: SessionStore, probes: list[list[Any]], count: int,
+                         budget: float) -> dict[str, Any]:
+    """One client, back to back over the probe sessions: latency without queueing."""
+    samples: list[float] = []
+    deadline = time.monotonic() + budget
+    blob = os.urandom(85)
+    i = 0
+    while len(samples) < count and time.monotonic() < deadline:
+        probe = probes[i % len(probes)]
+        sid, gen, digest = probe
+        successor = os.urandom(32)
+        t0 = time.perf_counter()
+        result = await store.rotate(sid, gen, digest, successor, int(time.time() * 1000),
+                                    14 * DAY_MS, 10_000, blob)
+        samples.append(time.perf_counter() - t0)
+        if result.kind != "rotated":
+            raise RuntimeError(f"rotate of a probe session returned {result.kind}")
+        probe[1], probe[2] = gen + 1, successor
+        i += 1
+    return {"rotations": len(samples), **summary_ms(samples)}
+
+
+async def scale(redis: Any, levels: list[int], rotations: int, budget: float) -> dict[str, Any]:
+    await redis.flushall()
+    await redis.execute_command("MEMORY", "PURGE")
+    store = SessionStore(redis, PREFIX)
+    now_ms = int(time.time() * 1000)
+    probes: list[list[Any]] = []
+    for i in range(200):  # the probes go through the real login path
+        sid = rt.new_sid()
+        token = rt.mint(sid, 0, (now_ms + 14 * DAY_MS) // 1000, (now_ms + 30 * DAY_MS) // 1000)
+        await store.create(record(sid, f"probe{i // 2:04d}", BROWSER_UA, now_ms), token.digest,
+                           rt.new_mac_key(), 100)
+        probes.append([sid, 0, token.digest])
+    bulk = redis.register_script(_BULK)
+    loaded, start, out = len(probes), time.monotonic(), []
+    for level in levels:
+        t0 = time.monotonic()
+        while loaded < level and time.monotonic() - start < budget:
+            n = min(20_000, level - loaded)
+            await bulk(args=[PREFIX, loaded, n, now_ms, now_ms + 14 * DAY_MS,
+                             now_ms + 30 * DAY_MS, BROWSER_UA, 2])
+            loaded += n
+        if loaded < level:
+            out.append({"level": level, "reached": loaded, "note": "load budget exhausted"})
+            break
+        load_seconds = time.monotonic() - t0
+        await asyncio.sleep(0.5)  # let the incremental rehash of the keyspace settle a little
+        latency = await rotate_latency(store, probes, rotations, budget=20)
+        out.append({"level": level, "sessions": loaded, "keys": int(await redis.dbsize()),
+                    "load_seconds": round(load_seconds, 2),
+                    "used_memory_mb": round(await used_memory(redis) / 2**20, 1), **latency})
+    await redis.flushall()
+    return {"levels": out}
+
+
+async def run(redis_url: str, quick: bool) -> dict[str, Any]:
+    redis = connect(RedisConfig(url=redis_url, pool_size=64, timeout=30.0))
+    try:
+        info = await redis.info("server")
+        config = await redis.config_get("hash-max-listpack-*")
+        n = 10_000 if quick else 100_000
+        levels = [1_000, 10_000, 100_000] if quick else [1_000, 100_000, 1_000_000]
+        return {
+            "redis_version": info["redis_version"],
+            "redis_config": {_str(k): _str(v) for k, v in config.items()},
+            "memory": [await memory_per_session(redis, n, BROWSER_UA, budget=120),
+                       await memory_per_session(redis, n, SHORT_UA, budget=120)],
+            "scale": await scale(redis, levels, rotations=2_000 if quick else 10_000,
+                                 budget=150),
+        }
+    finally:
+        await redis.flushall()
+        await redis.aclose()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--flush-ok", action="store_true", help="this Redis may be wiped")
+    p.add_argument("--quick", action="store_true", help="10k sessions; levels 1k/10k/100k")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    if not args.flush_ok:
+        p.error("--flush-ok is required: this benchmark runs FLUSHALL on that Redis")
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    write_json(args.json, asyncio.run(run(args.redis_url, args.quick)))
+
+
+if __name__ == "__main__":
+    main()
