@@ -21,10 +21,11 @@ from gateway.errors import (
     InvalidGrant,
     MissingToken,
     RefreshError,
+    TokenRevoked,
     UnsupportedGrantType,
 )
 from gateway.pipeline.authn import Authenticator, bearer_token
-from gateway.pipeline.forwarded import TrustedProxies
+from gateway.pipeline.forwarded import TrustedProxies, forwarded_for
 from gateway.request_state import IDENTITY
 from gateway.tokens.claims import Identity
 from gateway.tokens.service import ClientInfo, TokenPair, TokenService
@@ -58,7 +59,7 @@ class AuthApi:
 
     # --- request helpers ------------------------------------------------------------------
     def client(self, request: web.Request) -> ClientInfo:
-        ip = self.trusted.client_ip(request.remote, request.headers.get("X-Forwarded-For"))
+        ip = self.trusted.client_ip(request.remote, forwarded_for(request.headers))
         return ClientInfo(ip, request.headers.get("User-Agent", ""))
 
     async def fields(self, request: web.Request) -> dict[str, str]:
@@ -84,7 +85,8 @@ class AuthApi:
                 pairs = []
             else:
                 raise BadRequest("Send application/json or application/x-www-form-urlencoded.")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            # RecursionError: JSON nested deeper than the parser's stack (`[[[[...`).
             raise BadRequest("The request body could not be parsed.") from None
         out: dict[str, str] = {}
         for key, value in pairs:
@@ -208,8 +210,11 @@ class AuthApi:
         if token:
             await self.service.logout_refresh_token(token)
         else:
-            identity = self.identity(request, state_changing=True)
-            await self.service.revoke(identity.sid, "logout")
+            try:
+                identity = self.identity(request, state_changing=True)
+                await self.service.revoke(identity.sid, "logout")
+            except TokenRevoked:
+                pass  # the session is already over: logging out again is done, not an error
         response = web.Response(status=204)
         response.headers["Cache-Control"] = "no-store"
         self.clear_cookies(response)

@@ -39,7 +39,10 @@ def jwks(keyring: KeyRing, max_age: int) -> Callable[[web.Request], Awaitable[we
     }
 
     async def handler(request: web.Request) -> web.Response:
-        if request.headers.get("If-None-Match") == etag:
+        # RFC 9110 §13.1.2: a list of tags, compared weakly (caches may send W/"..." or several).
+        candidates = {t.strip().removeprefix("W/")
+                      for t in request.headers.get("If-None-Match", "").split(",")}
+        if etag in candidates or "*" in candidates:
             return web.Response(status=304, headers={k: v for k, v in headers.items()
                                                      if k != "Content-Type"})
         return web.Response(body=body, headers=headers)

@@ -36,13 +36,19 @@ def connect(config: RedisConfig) -> Any:
             hosts.append((host.strip("[]") or "127.0.0.1", int(port or 26379)))
         sentinel = Sentinel(
             hosts,
-            sentinel_kwargs={"socket_timeout": config.timeout, "password": config.sentinel.password},
+            sentinel_kwargs={"socket_timeout": config.timeout,
+                             "socket_connect_timeout": config.connect_timeout,
+                             "password": config.sentinel.password},
             **_options(config),
         )
         return sentinel.master_for(
             config.sentinel.service_name, max_connections=config.pool_size
         )
     if config.cluster:
+        if not hasattr(RedisCluster, "pubsub"):
+            # The revocation feed subscribes through the cluster client; asyncio RedisCluster
+            # has pub/sub from redis-py 8.0. Without it revocations would silently not spread.
+            raise RuntimeError("redis.cluster needs redis-py >= 8.0 (asyncio cluster pub/sub)")
         opts = _options(config)
         opts.pop("health_check_interval")
         return RedisCluster.from_url(config.url, max_connections=config.pool_size, **opts)

@@ -93,8 +93,9 @@ class TokenService:
 
     async def _start_session(self, user: UserRecord, client: ClientInfo) -> TokenPair:
         now_ms = self._now_ms()
-        max_ms = now_ms + int(self._tokens.session_max_lifetime * 1000)
-        exp_ms = min(now_ms + int(self._tokens.refresh_ttl * 1000), max_ms)
+        # Whole seconds, as the token carries them: the session ends exactly when its token does.
+        max_ms = (now_ms + int(self._tokens.session_max_lifetime * 1000)) // 1000 * 1000
+        exp_ms = min((now_ms + int(self._tokens.refresh_ttl * 1000)) // 1000 * 1000, max_ms)
         sid, mac_key = rt.new_sid(), rt.new_mac_key()
         token = rt.mint(sid, 0, exp_ms // 1000, max_ms // 1000)
         extra = self._extra(user.claims)
@@ -130,13 +131,11 @@ class TokenService:
             raise RefreshTokenExpired()
         # The successor is minted before the one atomic step: it becomes valid only if that
         # step rotates, and is sealed so concurrent presenters of the same token receive it too.
-        successor = rt.mint(
-            token.sid, token.generation + 1,
-            (now_ms + int(self._tokens.refresh_ttl * 1000)) // 1000, token.session_end,
-        )
+        expires = (now_ms + int(self._tokens.refresh_ttl * 1000)) // 1000
+        successor = rt.mint(token.sid, token.generation + 1, expires, token.session_end)
         result = await self.store.rotate(
             token.sid, token.generation, token.digest, successor.digest, now_ms,
-            int(self._tokens.refresh_ttl * 1000), int(self._tokens.reuse_grace * 1000),
+            expires * 1000 - now_ms, int(self._tokens.reuse_grace * 1000),
             rt.seal(token, successor),
         )
         if result.kind == "rotated":

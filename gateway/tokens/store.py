@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hmac
 import importlib.resources
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -69,9 +70,12 @@ def _roles(value: bytes | None) -> tuple[str, ...]:
 
 
 class SessionStore:
-    def __init__(self, redis: Any, prefix: str):
+    def __init__(self, redis: Any, prefix: str,
+                 observe: Callable[[str, float, bool], None] | None = None):
         self.redis = redis
         self.prefix = prefix
+        #: Told (operation, seconds, failed) after every Redis round trip: latency/error metrics.
+        self.observe = observe
         self.channel = f"{prefix}revocations"
         self._revoked_key = f"{prefix}revoked"
         self._rotate = redis.register_script(_lua("rotate"))
@@ -87,10 +91,18 @@ class SessionStore:
         return f"{self.prefix}u:{{{_tag(sub)}}}"
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        started = time.monotonic()
+        failed = False
         try:
             return await fn()
         except (RedisError, OSError, TimeoutError) as e:
+            failed = True
             raise StoreUnavailable() from e
+        finally:
+            if self.observe is not None:
+                # `SessionStore.rotate.<locals>.<lambda>` -> "rotate": the intent, not the command.
+                op = fn.__qualname__.split(".")[1].lstrip("_") if "." in fn.__qualname__ else "call"
+                self.observe(op, time.monotonic() - started, failed)
 
     # --- sessions --------------------------------------------------------------------------
     async def create(
@@ -117,11 +129,14 @@ class SessionStore:
                 pipe.zremrangebyscore(key, "-inf", now_ms)
                 pipe.zadd(key, {sid: max_ms})
                 pipe.zrange(key, 0, -1)
+                # GT alone never sets an expiry on a key that has none (a new index): NX does.
+                pipe.pexpireat(key, max_ms, nx=True)
                 pipe.pexpireat(key, max_ms, gt=True)
                 res = await pipe.execute()
-            members = [m.decode() for m in res[2]]
-            # Oldest by absolute expiry come first; everything past the cap is evicted.
-            return members[: max(0, len(members) - cap)]
+            # Oldest by absolute expiry come first; everything past the cap is evicted, but
+            # never the session just created (expiries tie when logins share a millisecond).
+            members = [m.decode() for m in res[2] if m.decode() != sid]
+            return members[: max(0, len(members) + 1 - cap)]
 
         return await self._call(run)
 
@@ -185,10 +200,11 @@ class SessionStore:
         stale: list[str] = []
         for sid in sids:
             record = await self.get(sid)
-            if record is None or record.revoked or record.sub != sub:
-                stale.append(sid)
-            else:
+            if (record is not None and not record.revoked and record.sub == sub
+                    and record.expires_ms > now_ms):
                 out.append(record)
+            else:
+                stale.append(sid)
         await self.unindex(sub, stale)
         return out
 
@@ -213,6 +229,9 @@ class SessionStore:
         async def run() -> None:
             await self.redis.zadd(self._revoked_key, {sid: until_ms for sid in sids})
             await self.redis.zremrangebyscore(self._revoked_key, "-inf", now_ms)
+            # The set outlives no entry: it expires with its latest one (NX for a new key).
+            await self.redis.pexpireat(self._revoked_key, until_ms, nx=True)
+            await self.redis.pexpireat(self._revoked_key, until_ms, gt=True)
             await self.redis.publish(self.channel, " ".join(f"{s}:{until_ms}" for s in sids))
 
         await self._call(run)
@@ -225,6 +244,9 @@ class SessionStore:
 
     async def subscribe(self) -> AsyncIterator[list[tuple[str, int]]]:
         """Yields batches of (sid, until_ms) as revocations are published. Raises on disconnect."""
+        # Classic PUBLISH is broadcast to every node of a Redis Cluster, so the one node a
+        # cluster client's pubsub() connects to hears every revocation (asyncio RedisCluster has
+        # pubsub() from redis-py 8.0; connection.connect refuses cluster mode without it).
         pubsub = self.redis.pubsub()
         try:
             await pubsub.subscribe(self.channel)

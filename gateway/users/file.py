@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import Counter
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import yaml
-from argon2 import PasswordHasher
+from argon2 import Parameters, PasswordHasher, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -58,8 +59,10 @@ class FileUsers:
             raise UsersFileError(f"{path}: {_brief(e)}") from None
         self._users = parsed.users
         self._hasher = hasher()
-        # Unknown users are checked against this, so they cost what a real user costs.
-        self._dummy = self._hasher.hash("not a real password, only spends the same time")
+        # Unknown users are checked against this, so they cost what a real user costs: hashed
+        # with the parameters most of the file's hashes use, not merely this version's defaults.
+        dummy = _dummy_hasher(parsed.users)
+        self._dummy = dummy.hash("not a real password, only spends the same time")
 
     async def authenticate(self, username: str, password: str) -> UserRecord | None:
         entry = self._users.get(username)
@@ -84,6 +87,21 @@ class FileUsers:
     @staticmethod
     def _record(name: str, entry: _Entry) -> UserRecord:
         return UserRecord(name, entry.roles, MappingProxyType(dict(entry.claims)))
+
+
+def _dummy_hasher(users: dict[str, _Entry]) -> PasswordHasher:
+    counts: Counter[str] = Counter()
+    seen: dict[str, Parameters] = {}
+    for entry in users.values():
+        try:
+            params = extract_parameters(entry.password_hash)
+        except InvalidHashError:
+            continue
+        seen[repr(params)] = params
+        counts[repr(params)] += 1
+    if not counts:
+        return hasher()
+    return PasswordHasher.from_parameters(seen[counts.most_common(1)[0][0]])
 
 
 def add_user(path: str, name: str, password: str, roles: tuple[str, ...]) -> None:
