@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.users.file import add_user
 from tests.support.redis_server import RedisServer, start_redis
 from tests.support.upstream import Upstream
 
@@ -47,14 +46,14 @@ async def upstream() -> AsyncIterator[Upstream]:
 
 @pytest.fixture(scope="session")
 def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """alice (user), bob (user, admin), carol (disabled); password PASSWORD for all."""
-    path = tmp_path_factory.mktemp("users") / "users.yaml"
-    add_user(str(path), "alice", PASSWORD, ("user",))
-    add_user(str(path), "bob", PASSWORD, ("user", "admin"))
-    add_user(str(path), "carol", PASSWORD, ("user",))
-    text = path.read_text().replace("  carol:\n", "  carol:\n    disabled: true\n")
-    path.write_text(text)
-    return path
+    """alice (user, email claim), bob (user, admin), carol (disabled); password PASSWORD.
+
+    Hashed with cheap argon2id parameters so logins in tests take milliseconds; the
+    production cost is exercised by the tests of `gateway users add` and the demo users.
+    """
+    from tests.support.tokens import write_users
+
+    return write_users(tmp_path_factory.mktemp("users") / "users.yaml")
 
 
 def gateway_yaml(upstream_url: str, users: Path, *, redis_url: str = "memory://",
