@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config.loader import Loc, source_map
 from gateway.errors import GatewayError
 
 
@@ -82,8 +83,9 @@ def _check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     problems = _runtime_problems(config)
     if problems:
-        for problem in problems:
-            print(f"{args.config}: {problem}", file=sys.stderr)
+        source = source_map(args.config)
+        for loc, message in problems:
+            print(source.problem(loc, message, at_key=len(loc) == 1), file=sys.stderr)
         return 1
     print(f"{args.config}: OK ({len(config.routes)} routes)")
     print(_route_table(config))
@@ -93,22 +95,24 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _runtime_problems(config: GatewayConfig) -> list[str]:
-    """What only loading the keys and users file can tell."""
+def _runtime_problems(config: GatewayConfig) -> list[tuple[Loc, str]]:
+    """What only loading the keys and users file can tell, and where in the config it stems from."""
     from gateway.clock import SystemClock
     from gateway.tokens.signer import KeyFileError, KeyRing
     from gateway.users.file import FileUsers, UsersFileError
 
-    problems = []
+    problems: list[tuple[Loc, str]] = []
     try:
         KeyRing.from_config(config.tokens, SystemClock())
     except KeyFileError as e:
-        problems.append(f"tokens: {e}")
+        # The message names the file; point at it when only one key file is configured.
+        single = config.tokens.signing_key_file and not config.tokens.verify_key_files
+        problems.append((("tokens", "signing_key_file") if single else ("tokens",), str(e)))
     if config.users.file:
         try:
             FileUsers(config.users.file)
         except UsersFileError as e:
-            problems.append(f"users.file: {e}")
+            problems.append((("users", "file"), str(e)))
     return problems
 
 
@@ -138,7 +142,9 @@ def _route(args: argparse.Namespace) -> int:
     print(f"{args.method.upper()} {args.path}")
     print(f"  normalised path: {path}")
     print(f"  route:           {r.name} (path {r.path}, host {r.host or '*'})")
-    print(f"  auth:            {r.auth}" + (" (browser sign-in)" if r.browser else ""))
+    print(f"  auth:            {r.auth}" + (" (browser sign-in)" if r.browser else "")
+          + (" (session checked in Redis per request)" if r.check_session else ""))
+    print(f"  methods:         {', '.join(r.methods) if r.methods else 'any'}")
     if r.roles:
         print(f"  roles (any):     {', '.join(r.roles)}")
     if r.roles_all:
@@ -164,24 +170,32 @@ def _keys(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d%H%M%S")
     if args.alg == "HS256":
         path = out / f"hs256-{stamp}.secret"
-        _write_private(path, secrets.token_urlsafe(48).encode())
+        if not _write_private(path, secrets.token_urlsafe(48).encode()):
+            return 1
         print(f"wrote {path}\nuse it as: tokens: {{algorithm: HS256, secret: ${{GATEWAY_SECRET}}}}")
         return 0
     pem = generate_private_pem(args.alg)
     key = asymmetric_key(args.alg, pem, "generated", for_signing=True)
     private = out / f"{args.alg.lower()}-{stamp}.pem"
     public = out / f"{args.alg.lower()}-{stamp}.pub.pem"
-    _write_private(private, pem)
+    if not _write_private(private, pem):
+        return 1
     public.write_bytes(public_pem(pem))
     print(f"wrote {private} (private, mode 0600) and {public}\nkid: {key.kid}")
     print(f"tokens:\n  algorithm: {args.alg}\n  signing_key_file: {private}")
     return 0
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _write_private(path: Path, data: bytes) -> bool:
+    """Create a 0600 file; never overwrite a key (names carry the second they were made)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"{path} already exists; not overwriting it (try again in a second)", file=sys.stderr)
+        return False
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    return True
 
 
 def _users(args: argparse.Namespace) -> int:
@@ -214,12 +228,15 @@ def _sessions(args: argparse.Namespace) -> int:
 async def _sessions_async(args: argparse.Namespace) -> int:
     from gateway.clock import SystemClock
     from gateway.metrics import Metrics
+    from gateway.serve import setup_logging
     from gateway.tokens.connection import connect
     from gateway.tokens.service import TokenService
     from gateway.tokens.signer import KeyRing
     from gateway.tokens.store import SessionStore
 
     config = load_config(args.config)
+    # An operator's revocation is an audit event: one JSON line on stderr, like the gateway's.
+    setup_logging(config.logging.level)
     if config.redis.embedded:
         print("the embedded store (memory://) lives inside the gateway process; "
               "sessions commands need a shared Redis", file=sys.stderr)

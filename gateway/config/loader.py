@@ -20,6 +20,8 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # File-valued keys, resolved relative to the config file's directory.
 _FILE_KEYS: tuple[Loc, ...] = (("users", "file"), ("tokens", "signing_key_file"))
 _FILE_LIST_KEYS: tuple[Loc, ...] = (("tokens", "verify_key_files"),)
+#: More values than any real config has: aliases of aliases can expand a few lines into billions.
+_MAX_VALUES = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,8 @@ class SourceMap:
     file: str
     values: dict[Loc, yaml.Mark] = field(default_factory=dict)
     keys: dict[Loc, yaml.Mark] = field(default_factory=dict)
+    #: Values with an unset `${VAR}`: already reported, so their validation errors are not.
+    unresolved: set[Loc] = field(default_factory=set)
 
     def problem(self, loc: Loc, message: str, *, at_key: bool = False) -> Problem:
         mark = None
@@ -81,6 +85,19 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     return load_config_text(text, str(p), env=env, base_dir=p.parent)
 
 
+def source_map(path: str | os.PathLike[str]) -> SourceMap:
+    """Where each key of a (loadable) config file stands, to locate problems found after
+    loading, such as a key file that does not hold a key."""
+    source = SourceMap(str(path))
+    try:
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return source
+    if node is not None:
+        _to_python(node, (), source, {}, [])
+    return source
+
+
 def load_config_text(
     text: str,
     filename: str = "<config>",
@@ -98,29 +115,46 @@ def load_config_text(
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         reason = getattr(e, "problem", None) or str(e)
         raise ConfigError([Problem(filename, line, col, "", f"invalid YAML: {reason}")]) from None
+    except RecursionError:
+        raise ConfigError([Problem(filename, 1, 1, "", "invalid YAML: nested too deeply")]) from None
     if node is None:
         raise ConfigError([Problem(filename, 1, 1, "", "the config is empty")])
-    data = _to_python(node, (), source, env, problems)
+    try:
+        data = _to_python(node, (), source, env, problems)
+    except RecursionError:
+        raise ConfigError([Problem(filename, 1, 1, "", "an alias refers to itself")]) from None
     if not isinstance(data, dict):
         problems.append(source.problem((), "the config must be a mapping of sections"))
-    if problems:
         raise ConfigError(problems)
     _resolve_files(data, base_dir or Path.cwd())
     problems.extend(_duplicate_route_names(data, source))
+    problems.extend(_reserved_route_paths(data, source))
+    problems.extend(_missing_files(data, source))
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(problems + [_located(err, source) for err in e.errors()]) from None
-    problems.extend(_cross_checks(config, source))
+        problems.extend(_located(err, source) for err in e.errors()
+                        if not _is_unresolved(tuple(err["loc"]), source))
+        raise ConfigError(_in_file_order(problems)) from None
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(_in_file_order(problems))
     return config
+
+
+def _is_unresolved(loc: Loc, source: SourceMap) -> bool:
+    return any(loc[:n] in source.unresolved for n in range(len(loc) + 1))
+
+
+def _in_file_order(problems: list[Problem]) -> list[Problem]:
+    return sorted(problems, key=lambda p: (p.line, p.column))
 
 
 def _to_python(
     node: yaml.Node, loc: Loc, source: SourceMap, env: Mapping[str, str], problems: list[Problem]
 ) -> Any:
     source.values[loc] = node.start_mark
+    if len(source.values) > _MAX_VALUES:
+        raise ConfigError([source.problem(loc, f"more than {_MAX_VALUES} values (aliases?)")])
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -139,7 +173,13 @@ def _to_python(
             _to_python(item, loc + (i,), source, env, problems) for i, item in enumerate(node.value)
         ]
     assert isinstance(node, yaml.ScalarNode)
-    value = yaml.SafeLoader("").construct_object(node)  # type: ignore[no-untyped-call]
+    try:
+        value = yaml.SafeLoader("").construct_object(node)  # type: ignore[no-untyped-call]
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:
+        # An unknown tag (`!x`) or a tagged value that is not of its type (`!!int a`).
+        reason = getattr(e, "problem", None) or str(e)
+        problems.append(source.problem(loc, f"invalid YAML value: {reason}"))
+        return None
     if isinstance(value, str) and "${" in value:
         value = _interpolate(value, loc, source, env, problems)
     return value
@@ -155,6 +195,7 @@ def _interpolate(
         if default is not None:
             return default
         problems.append(source.problem(loc, f"environment variable {name} is not set"))
+        source.unresolved.add(loc)
         return ""
 
     return _VAR.sub(sub, value)
@@ -163,7 +204,10 @@ def _interpolate(
 def _resolve_files(data: dict[str, Any], base: Path) -> None:
     def resolve(value: object) -> object:
         if isinstance(value, str) and value and not os.path.isabs(value):
-            return str((base / value).resolve())
+            try:
+                return str((base / value).resolve())
+            except (OSError, ValueError, RuntimeError):  # NUL byte, symlink loop
+                return value  # reported as a missing file
         return value
 
     for section, key in _FILE_KEYS:
@@ -188,7 +232,7 @@ def _located(err: Any, source: SourceMap) -> Problem:
         return source.problem(loc, f"required key {loc[-1]!r} is missing")
     if kind == "literal_error":
         msg = f"expected {err['ctx']['expected']}, got {err['input']!r}"
-    elif kind.endswith("_type") or kind.endswith("_parsing"):
+    elif kind.endswith(("_type", "_parsing")):
         msg = f"{msg}, got {type(err['input']).__name__} {err['input']!r}"
     return source.problem(loc, msg)
 
@@ -238,24 +282,48 @@ def _duplicate_route_names(data: dict[str, Any], source: SourceMap) -> list[Prob
     return problems
 
 
-def _cross_checks(config: GatewayConfig, source: SourceMap) -> list[Problem]:
+def _reserved_route_paths(data: dict[str, Any], source: SourceMap) -> list[Problem]:
+    """Routes cannot take the gateway's own paths (checked before validation, so these are
+    reported together with every other problem)."""
+    routes = data.get("routes")
+    if not isinstance(routes, list):
+        return []
+
+    def setting(section: str, key: str, default: str) -> str:
+        sec = data.get(section)
+        value = sec.get(key) if isinstance(sec, dict) else None
+        return value.strip() if isinstance(value, str) else default
+
+    prefix = setting("auth", "prefix", "/auth")
+    reserved = ("/healthz", "/readyz", "/.well-known", "/.well-known/jwks.json",
+                setting("metrics", "path", "/metrics"))
     problems: list[Problem] = []
-    for i, route in enumerate(config.routes):
-        prefix = config.auth.prefix
-        reserved = ("/healthz", "/readyz", "/.well-known", config.metrics.path)
-        if route.path == prefix or route.path.startswith(prefix + "/") or route.path in reserved:
+    for i, route in enumerate(routes):
+        path = route.get("path") if isinstance(route, dict) else None
+        if not isinstance(path, str):
+            continue
+        path = path.strip().rstrip("/") or "/"
+        if path == prefix or path.startswith(prefix + "/") or path in reserved:
             problems.append(
-                source.problem(("routes", i, "path"), f"{route.path} is reserved by the gateway")
+                source.problem(("routes", i, "path"), f"{path} is reserved by the gateway")
             )
-    if config.users.file and not os.path.isfile(config.users.file):
-        problems.append(source.problem(("users", "file"), f"no such file: {config.users.file}"))
-    if config.tokens.signing_key_file and not os.path.isfile(config.tokens.signing_key_file):
-        problems.append(
-            source.problem(
-                ("tokens", "signing_key_file"), f"no such file: {config.tokens.signing_key_file}"
-            )
-        )
-    for i, f in enumerate(config.tokens.verify_key_files):
-        if not os.path.isfile(f):
-            problems.append(source.problem(("tokens", "verify_key_files", i), f"no such file: {f}"))
+    return problems
+
+
+def _missing_files(data: dict[str, Any], source: SourceMap) -> list[Problem]:
+    problems: list[Problem] = []
+
+    def check(loc: Loc, value: object) -> None:
+        if isinstance(value, str) and value and not os.path.isfile(value):
+            problems.append(source.problem(loc, f"no such file: {value}"))
+
+    for section, key in _FILE_KEYS:
+        sec = data.get(section)
+        if isinstance(sec, dict):
+            check((section, key), sec.get(key))
+    for section, key in _FILE_LIST_KEYS:
+        sec = data.get(section)
+        values = sec.get(key) if isinstance(sec, dict) else None
+        for i, value in enumerate(values if isinstance(values, list) else ()):
+            check((section, key, i), value)
     return problems

@@ -4,15 +4,58 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Literal
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import core_schema
 from yarl import URL
 
 from gateway.config.units import parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class FrozenMap(Mapping[str, str]):
+    """A read-only, hashable str -> str mapping: frozen models must hold no dict that can change."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str] | None = None) -> None:
+        self._items = dict(items or {})
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._items!r})"
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(
+            cls, handler.generate_schema(dict[str, str]),
+            serialization=core_schema.plain_serializer_function_ser_schema(dict),
+        )
 
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _METHOD = re.compile(r"^[A-Z]+$")
@@ -220,7 +263,7 @@ class Identity(Frozen):
     headers: IdentityHeaders = IdentityHeaders()
     strip_prefixes: tuple[str, ...] = ("X-User-", "X-Auth-")
     #: claim name -> header name, for claims copied from the token into upstream headers.
-    claims: dict[str, str] = Field(default_factory=dict)
+    claims: FrozenMap = FrozenMap()
     #: Header carrying the gateway-signed identity token on routes with `identity_token: true`.
     token_header: str = "X-Identity-Token"
 
@@ -231,7 +274,7 @@ class Identity(Frozen):
 
     @field_validator("claims")
     @classmethod
-    def _claims(cls, value: dict[str, str]) -> dict[str, str]:
+    def _claims(cls, value: FrozenMap) -> FrozenMap:
         for header in value.values():
             _header_name(header)
         return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -17,13 +18,16 @@ _SIZE_UNITS = {
 def parse_duration(value: object) -> float:
     """Seconds from a number (seconds) or a string like `500ms`, `30s`, `15m`, `2h`, `14d`."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration like 30s, 15m or 14d")
+        # ValueError, not TypeError: pydantic turns only ValueError into a validation error.
+        raise ValueError("expected a duration like 30s, 15m or 14d")  # noqa: TRY004
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str) and (m := _DURATION.match(value)):
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
         raise ValueError(f"expected a duration like 30s, 15m or 14d, got {value!r}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"expected a finite duration, got {value!r}")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -32,7 +36,7 @@ def parse_duration(value: object) -> float:
 def parse_size(value: object) -> int:
     """Bytes from an integer or a string like `512KB`, `1MB`, `1MiB` (KB = 1000, KiB = 1024)."""
     if isinstance(value, bool):
-        raise ValueError("expected a size like 1048576 or 1MB")
+        raise ValueError("expected a size like 1048576 or 1MB")  # noqa: TRY004
     if isinstance(value, int):
         size = value
     elif isinstance(value, str) and (m := _SIZE.match(value)):

@@ -4,6 +4,7 @@ without that route's checks."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -12,6 +13,8 @@ from gateway.errors import InvalidPath, MethodNotAllowed, NoRoute
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset("0123456789abcdefABCDEF")
+# Starts the parameters of a path segment, literal or encoded (hex is upper-cased by then).
+_PARAMS = re.compile(r";|%3B")
 # Characters allowed literally in a path (RFC 3986 pchar plus "/"), everything else is rejected.
 _PCHAR = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/%"
@@ -40,7 +43,8 @@ def normalise_path(raw: str) -> str:
             if out:
                 out.pop()
             continue
-        if segment.split(";", 1)[0] in (".", ".."):
+        # `..;x` is `..` to some servers; so is `..%3B` to those that decode before they split.
+        if _PARAMS.split(segment, 1)[0] in (".", ".."):
             raise InvalidPath("Dot segments with parameters are not accepted.")
         out.append(segment)
     last = raw.rsplit("/", 1)[-1]
@@ -97,11 +101,13 @@ class Router:
                     allowed.update(route.methods)
                     continue
                 return Match(route, _strip(path, prefix) if route.strip_prefix else path)
+            if allowed:
+                # The longest prefix decides: another method must not fall through to a shorter
+                # (perhaps public) route and reach this path without this route's checks.
+                raise MethodNotAllowed(headers={"Allow": ", ".join(sorted(allowed))})
             if prefix == "/":
                 break
             prefix = prefix.rsplit("/", 1)[0] or "/"
-        if allowed:
-            raise MethodNotAllowed(headers={"Allow": ", ".join(sorted(allowed))})
         raise NoRoute()
 
     def routes(self) -> list[Route]:
