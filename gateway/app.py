@@ -22,10 +22,12 @@ from gateway.middlewares import make_middleware
 from gateway.pipeline.authn import Authenticator
 from gateway.pipeline.edge import Edge
 from gateway.pipeline.forwarded import TrustedProxies
+from gateway.pipeline.head import check_head, expect_continue
 from gateway.pipeline.identity import HeaderPlan
 from gateway.pipeline.proxy import Proxy
 from gateway.pipeline.revocations import RevocationList
 from gateway.pipeline.router import Router, normalise_path
+from gateway.request_state import ROUTE_NAME
 from gateway.tokens.connection import connect
 from gateway.tokens.service import TokenService
 from gateway.tokens.signer import KeyRing
@@ -92,23 +94,26 @@ def build_runtime(config: GatewayConfig, shared: Shared, keyring: KeyRing | None
     authn = Authenticator(keyring, shared.revocations, clock, config.tokens.verify_cache_size)
     trusted = TrustedProxies(config.listen.trusted_proxies)
     c = config.cookies
-    gateway_cookies = (c.access_name, c.refresh_name, c.session_name, c.csrf_name) if c.enabled else ()
+    # Stripped even with cookies off: a browser still holding them (cookies were on before a
+    # reload) must not hand its session's refresh token to an upstream.
+    gateway_cookies = (c.access_name, c.refresh_name, c.session_name, c.csrf_name)
     plan = HeaderPlan(config.identity, gateway_cookies, trusted)
     api = AuthApi(config, service, authn, trusted)
     browser = Browser(config, api, keyring, clock) if config.cookies.enabled else None
 
-    async def session_alive_since(sid: str, iat: float) -> bool:
+    async def session_refreshed_at(sid: str) -> float | None:
         record = await shared.store.get(sid)
-        return bool(record and not record.revoked and record.last_used_ms / 1000 > iat)
+        return record.last_used_ms / 1000 if record and not record.revoked else None
 
-    proxy = Proxy(shared.session, clock, session_alive_since, shared.revocations.watch)
+    proxy = Proxy(shared.session, clock, session_refreshed_at, shared.revocations.watch)
     edge = Edge(
         config=config, router=Router(config.routes), authn=authn, plan=plan, proxy=proxy,
         keyring=keyring, clock=clock, browser=browser, session_active=shared.store.is_active,
     )
+    ready = readyz(shared.store.ping)
     own: dict[str, dict[str, Handler]] = {
         "/healthz": {"GET": healthz, "HEAD": healthz},
-        "/readyz": {"GET": readyz(shared.store.ping)},
+        "/readyz": {"GET": ready, "HEAD": ready},
         "/.well-known/jwks.json": {"GET": jwks(keyring, max_age=min(300, int(config.tokens.access_ttl)))},
     }
     if config.metrics.enabled and config.metrics.port is None:
@@ -125,13 +130,17 @@ def build_runtime(config: GatewayConfig, shared: Shared, keyring: KeyRing | None
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """The gateway's own endpoints by exact path; everything else takes the edge path."""
+    check_head(request)
     runtime = request.app[HOLDER].current
     path = request.raw_path.partition("?")[0]
     methods = runtime.own.get(path)
-    if methods is None and path.startswith(runtime.own_prefix):
+    if methods is not None:
+        request[ROUTE_NAME] = path  # the gateway's own endpoints: a fixed set of metric labels
+    elif path.startswith(runtime.own_prefix):
         sid = path[len(runtime.own_prefix):]
         if sid and "/" not in sid:
             methods = runtime.own_prefixed
+            request[ROUTE_NAME] = runtime.own_prefix + "{sid}"
     if methods is None:
         return await runtime.edge.handle(request)
     handler = methods.get(request.method)
@@ -140,25 +149,61 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     return await handler(request)
 
 
+#: Pub/sub delivers at most once (nothing published while a subscriber reconnects, or before it
+#: has subscribed, ever arrives), so the revoked set is also re-read this often.
+_RESYNC_EVERY = 5.0
+
+
+async def _load_revoked(shared: Shared) -> None:
+    now_ms = int(shared.clock.now() * 1000)
+    shared.revocations.add(await shared.store.revoked_set(now_ms))
+    shared.revocations.prune()
+
+
 async def _revocation_feed(app: web.Application) -> None:
-    """Keep every instance's revocation list current: load the set, then follow the channel."""
+    """Keep every instance's revocation list current: follow the channel, and reload the set on
+    every (re)connect and every few seconds to cover messages pub/sub dropped."""
     shared = app[SHARED]
+    resync = asyncio.ensure_future(_resync(shared))
     backoff = 0.2
+    try:
+        while True:
+            try:
+                await _load_revoked(shared)
+                backoff = 0.2
+                async for batch in shared.store.subscribe():
+                    shared.revocations.add(batch)
+                    shared.metrics.revocations_received(len(batch))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the feed must survive any Redis failure
+                log.warning("revocation feed interrupted (%s); reconnecting", type(e).__name__)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+    finally:
+        await _stop(resync)
+
+
+async def _resync(shared: Shared) -> None:
     while True:
+        await asyncio.sleep(_RESYNC_EVERY)
         try:
-            now_ms = int(shared.clock.now() * 1000)
-            shared.revocations.add(await shared.store.revoked_set(now_ms))
-            shared.revocations.prune()
-            backoff = 0.2
-            async for batch in shared.store.subscribe():
-                shared.revocations.add(batch)
-                shared.metrics.revocations_received(len(batch))
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the feed must survive any Redis failure
-            log.warning("revocation feed interrupted (%s); reconnecting", type(e).__name__)
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, 5.0)
+            await _load_revoked(shared)
+        except Exception:  # noqa: BLE001 - the feed loop reports and retries Redis failures
+            pass
+
+
+async def _stop(task: asyncio.Future[None]) -> None:
+    """Cancel and wait. Asked again until it ends: on Python 3.11 a cancellation that races a
+    completing `asyncio.wait_for` inside a client library is lost, and the task would run on."""
+    for _ in range(100):
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=0.1)
+        if done:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("background task ended with %s", type(task.exception()).__name__)
+            return
+    log.error("a background task did not stop when cancelled")
 
 
 def create_app(
@@ -181,22 +226,25 @@ def create_app(
                                         timeout=aiohttp.ClientTimeout(total=None))
         feed: asyncio.Future[None] | None = None
         try:
-            shared = Shared(client, SessionStore(client, config.redis.key_prefix), session,
-                            RevocationList(clock), clock, metrics)
+            store = SessionStore(client, config.redis.key_prefix, observe=metrics.store_call)
+            shared = Shared(client, store, session, RevocationList(clock), clock, metrics)
             app[SHARED] = shared
             app[HOLDER] = RuntimeHolder(build_runtime(config, shared))
+            try:  # before serving: a (re)started instance refuses revoked sessions at once
+                await asyncio.wait_for(_load_revoked(shared), 3.0)
+            except Exception as e:  # noqa: BLE001 - Redis down at start: the feed keeps trying
+                log.warning("revoked sessions not loaded at start (%s)", type(e).__name__)
             feed = asyncio.ensure_future(_revocation_feed(app))
             yield
         finally:
             if feed is not None:
-                feed.cancel()
-                await asyncio.gather(feed, return_exceptions=True)
+                await _stop(feed)
             await session.close()
             if redis is None:
                 await client.aclose()
 
     app.cleanup_ctx.append(resources)
-    app.router.add_route("*", "/{tail:.*}", dispatch)
+    app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=expect_continue)
     return app
 
 

@@ -92,7 +92,7 @@ class AuthApi:
         for key, value in pairs:
             if not isinstance(value, str):
                 raise BadRequest(f"Field {key!r} must be a string.")
-            if len(value) > _MAX_FIELD or "\x00" in value:
+            if len(value) > _MAX_FIELD or "\x00" in value or not _encodable(value):
                 raise BadRequest(f"Field {key!r} is not acceptable.")
             out[str(key)] = value
         return out
@@ -104,8 +104,11 @@ class AuthApi:
         host = (request.headers.get("Host") or "").lower()
         origin = request.headers.get("Origin")
         if origin and origin != "null":
-            netloc = urlsplit(origin).netloc.lower()
-            if netloc == host or netloc in self._allowed_hosts:
+            try:
+                netloc = urlsplit(origin).netloc.lower()
+            except ValueError:  # `http://[`: not an origin, so not ours
+                netloc = ""
+            if netloc and (netloc == host or netloc in self._allowed_hosts):
                 return
         elif request.headers.get("Sec-Fetch-Site") in ("same-origin", "none"):
             return
@@ -255,3 +258,13 @@ class AuthApi:
         })
         response.headers["Cache-Control"] = "no-store"
         return response
+
+
+def _encodable(value: str) -> bool:
+    """False for JSON strings with lone surrogates (`"\\ud800"`): not text, and they would fail
+    later, deep in the token service, as a 500."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
+from multidict import MultiMapping
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -48,6 +50,15 @@ class TrustedProxies:
                 "X-Forwarded-Host": xfh or host or "",
             }
         return {"X-Forwarded-For": peer, "X-Forwarded-Proto": scheme, "X-Forwarded-Host": host or ""}
+
+
+def forwarded_for(headers: MultiMapping[str]) -> str | None:
+    """Every X-Forwarded-For line as one list: several lines of a list-valued header are one
+    value (RFC 9110 §5.3), so reading only the first would drop hops, or let a client's own
+    line stand in front of the one a trusted proxy added."""
+    lines = headers.getall("X-Forwarded-For", ())
+    joined = ", ".join(line.strip() for line in lines if line.strip())
+    return joined or None
 
 
 def _is_ip(value: str) -> bool:

@@ -3,11 +3,13 @@ client's credentials), then inject ours. Compiled once from config; one pass per
 
 from __future__ import annotations
 
+import re
+
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config.model import Identity as IdentityConfig
 from gateway.config.model import Route
-from gateway.pipeline.forwarded import TrustedProxies
+from gateway.pipeline.forwarded import TrustedProxies, forwarded_for
 from gateway.tokens.claims import Identity
 
 # RFC 9110 §7.6.1 hop-by-hop fields, plus what we always set ourselves.
@@ -28,11 +30,15 @@ class HeaderPlan:
         self._claims = tuple(config.claims.items())
         self._token_header = config.token_header
         self._strip_exact = frozenset(
-            n.lower() for n in (names.user_id, names.roles, names.session_id,
-                                config.token_header, *config.claims.values())
+            _folded(n) for n in (names.user_id, names.roles, names.session_id,
+                                 config.token_header, *config.claims.values())
         ) | HOP_BY_HOP | _FORWARDED
-        self._strip_prefixes = tuple(p.lower() for p in config.strip_prefixes)
+        self._strip_prefixes = tuple(_folded(p) for p in config.strip_prefixes)
         self._gateway_cookies = frozenset(gateway_cookies)
+        # A gateway cookie name wherever a cookie parser may start a name, not only at the start
+        # of a `;` part: aiohttp reads `a=1 gw_access=x` and `a=1, gw_access=x` as two cookies.
+        names = "|".join(re.escape(n) for n in sorted(gateway_cookies))
+        self._gateway_cookie = re.compile(rf'(?:^|[\s",=])(?:{names})(?=[\s=]|$)')
         self._trusted = trusted
         self._verdicts: dict[str, bool] = {}
 
@@ -40,8 +46,8 @@ class HeaderPlan:
         """True when a client-sent header of this name never reaches an upstream."""
         verdict = self._verdicts.get(name)
         if verdict is None:
-            lower = name.lower()
-            verdict = lower in self._strip_exact or lower.startswith(self._strip_prefixes)
+            folded = _folded(name)
+            verdict = folded in self._strip_exact or folded.startswith(self._strip_prefixes)
             if len(self._verdicts) < _VERDICT_CACHE:
                 self._verdicts[name] = verdict
         return verdict
@@ -66,7 +72,7 @@ class HeaderPlan:
         if route.preserve_host and host:
             out["Host"] = host  # otherwise the proxy sets the upstream's own authority
         out.update(self._trusted.headers(
-            peer, scheme, host, headers.get("X-Forwarded-For"),
+            peer, scheme, host, forwarded_for(headers),
             headers.get("X-Forwarded-Proto"), headers.get("X-Forwarded-Host"),
         ))
         out["X-Request-Id"] = request_id
@@ -85,9 +91,15 @@ class HeaderPlan:
     def _without_gateway_cookies(self, value: str) -> str:
         kept = [
             part for part in value.split(";")
-            if part.strip().split("=", 1)[0].strip() not in self._gateway_cookies
+            if not self._gateway_cookie.search(part)
         ]
         return ";".join(kept).strip()
+
+
+def _folded(name: str) -> str:
+    """Header names as CGI-style upstreams (WSGI, PHP, Rack) see them: case and `_` vs `-`
+    folded, so `X_User_Id` cannot pass as a different header and be read as `X-User-Id`."""
+    return name.lower().replace("_", "-")
 
 
 def _connection_tokens(values: list[str] | tuple[str, ...]) -> frozenset[str]:

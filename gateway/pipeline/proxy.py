@@ -16,7 +16,7 @@ from yarl import URL
 
 from gateway.clock import Clock
 from gateway.config.model import Route
-from gateway.errors import BadGateway, GatewayTimeout, PayloadTooLarge
+from gateway.errors import BadGateway, BadRequest, GatewayTimeout, PayloadTooLarge
 from gateway.pipeline.identity import HOP_BY_HOP
 from gateway.request_state import UPSTREAM_DURATION
 from gateway.tokens.claims import Identity
@@ -28,8 +28,12 @@ _DOWN_FOR = 5.0
 _CHUNK = 64 * 1024
 _WS_HEADERS = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                          "sec-websocket-protocol", "sec-websocket-accept"})
-#: Session check for long-lived WebSockets: (sid, token iat) -> still allowed?
-SessionProbe = Callable[[str, float], Awaitable[bool]]
+#: aiohttp's client would add these to a request that lacks them; the upstream gets what the
+#: client sent.
+_NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+#: Session check for long-lived WebSockets: sid -> when it was last refreshed (epoch seconds),
+#: None when it is revoked or gone.
+SessionProbe = Callable[[str], Awaitable[float | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +99,8 @@ class Proxy:
         on_prepare: Callable[[web.StreamResponse], None] | None = None,
     ) -> web.StreamResponse:
         if route.websocket and _is_websocket(request):
-            return await self._websocket(request, route, balancer, path, headers, identity)
+            return await self._websocket(request, route, balancer, path, headers, identity,
+                                         on_prepare)
         body = _request_body(request, route.max_body)
         order = balancer.order()
         for attempt, index in enumerate(order):
@@ -124,7 +129,7 @@ class Proxy:
             async with self._session.request(
                 request.method, url, headers=headers, data=body.stream() if body else None,
                 timeout=self._timeout(route), allow_redirects=False, compress=False,
-                chunked=None, skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                chunked=None, skip_auto_headers=_NO_AUTO_HEADERS,
             ) as upstream:
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 _copy_response_headers(upstream, response)
@@ -160,7 +165,11 @@ class Proxy:
     async def _websocket(
         self, request: web.Request, route: Route, balancer: Balancer, path: str,
         headers: CIMultiDict[str], identity: Identity | None,
+        on_prepare: Callable[[web.StreamResponse], None] | None = None,
     ) -> web.StreamResponse:
+        if not web.WebSocketResponse().can_prepare(request).ok:
+            # The client's broken handshake is its own error: answer before opening an upstream.
+            raise BadRequest("The WebSocket handshake is invalid.")
         target = balancer.targets[balancer.order()[0]]
         scheme = "wss" if target.scheme == "https" else "ws"
         url = _url(target, path, _raw_query(request)).with_scheme(scheme)
@@ -187,6 +196,8 @@ class Proxy:
             protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False,
             max_msg_size=route.max_body or 0,
         )
+        if on_prepare is not None:
+            on_prepare(client)  # a session renewed by this upgrade: the 101 carries the cookies
         try:
             await client.prepare(request)
             await self._relay(client, upstream, identity)
@@ -207,13 +218,21 @@ class Proxy:
             timer = loop.call_later(max(0.0, identity.exp - self._clock.now()),
                                     lambda: asyncio.ensure_future(expire()))
 
+        # Only a refresh after the token in hand extends the socket. `iat` is whole seconds and
+        # the session records its refreshes in ms: a refresh within the token's own second
+        # (its issuing login or refresh) is not counted, which can only close a socket early.
+        newer_than = identity.iat + 1.0 if identity is not None else 0.0
+
         async def expire() -> None:
-            nonlocal timer
+            nonlocal timer, newer_than
             assert identity is not None
-            still = self._probe is not None and await _safe(self._probe(identity.sid, identity.iat))
-            if still:  # the session was refreshed since: the socket may live another token's life
+            refreshed = await _safe(self._probe(identity.sid)) if self._probe else None
+            if refreshed is not None and refreshed >= newer_than:
+                # Refreshed since: the socket lives as long as the newest access token does.
                 ttl = max(1.0, identity.exp - identity.iat)
-                timer = loop.call_later(ttl, lambda: asyncio.ensure_future(expire()))
+                newer_than = refreshed + 0.001
+                timer = loop.call_later(max(0.0, refreshed + ttl - self._clock.now()),
+                                        lambda: asyncio.ensure_future(expire()))
             else:
                 policy_close.set()
 
@@ -235,11 +254,11 @@ class Proxy:
                 timer.cancel()
 
 
-async def _safe(check: Awaitable[bool]) -> bool:
+async def _safe(check: Awaitable[float | None]) -> float | None:
     try:
         return await check
     except Exception:  # noqa: BLE001 - a failed check must close the socket, not crash
-        return False
+        return None
 
 
 async def _pump(source: Any, sink: Any) -> None:

@@ -36,14 +36,15 @@ class GatewayProcess:
     def start(self, timeout: float = 20.0) -> GatewayProcess:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path = LOG_DIR / f"gateway-{self.port}-{int(time.time() * 1000)}.log"
-        log = open(self.log_path, "wb")
         cmd = [sys.executable, "-m", "gateway", "serve", "-c", str(self.config_path)]
         if self.workers > 1:
             cmd += ["--workers", str(self.workers)]
-        self.proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO), **self.env},
-        )
+        # The child keeps its own descriptor; ours is closed at once (no ResourceWarning).
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(REPO), **self.env},
+            )
         self.wait_ready(timeout)
         return self
 
