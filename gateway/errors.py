@@ -150,11 +150,15 @@ class GatewayTimeout(GatewayError):
 
 
 def all_error_types() -> list[type[GatewayError]]:
-    """Every concrete error class (for the documented-codes test and README table)."""
+    """Every concrete error class (for the documented-codes test and README table).
+
+    Concrete = declares its own `code`: AuthError and RefreshError only group their subclasses
+    (their inherited `server_error` with a 401 is never sent)."""
     out: list[type[GatewayError]] = []
     todo: list[type[GatewayError]] = [GatewayError]
     while todo:
         cls = todo.pop()
-        out.append(cls)
+        if "code" in vars(cls):
+            out.append(cls)
         todo.extend(cls.__subclasses__())
     return out

@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from gateway.errors import GatewayError, RefreshError, RefreshTokenReused
+
 audit_log = logging.getLogger("gateway.audit")
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -53,7 +55,9 @@ class Metrics:
                                    ["reason"], **kw)
         self.revocations_seen = Counter("gateway_revocations_received_total",
                                         "Revoked sessions learned from the Redis feed", **kw)
-        self.redis_errors = Counter("gateway_redis_errors_total", "Session store failures", **kw)
+        self.redis_errors = Counter("gateway_redis_errors_total",
+                                    "Session store calls that failed (Redis down, timeout)",
+                                    ["op"], **kw)
         self.redis_latency = Histogram("gateway_redis_latency_seconds", "Session store call latency",
                                        ["op"], buckets=_LATENCY, **kw)
         self.audit_events = Counter("gateway_audit_events_total", "Audit events by name", ["event"],
@@ -75,7 +79,7 @@ class Metrics:
     def store_call(self, op: str, seconds: float, failed: bool) -> None:
         self.redis_latency.labels(op).observe(seconds)
         if failed:
-            self.redis_errors.inc()
+            self.redis_errors.labels(op).inc()
 
     def audit(self, event: str, fields: Mapping[str, Any]) -> None:
         """One structured line per security event; never a token, password or cookie."""
@@ -96,8 +100,14 @@ class Metrics:
                     **fields}
             audit_log.info(json.dumps(line, separators=(",", ":"), default=str))
 
-    def refresh_failed(self, code: str) -> None:
-        self.refreshes.labels(code).inc()
+    def refused(self, error: GatewayError) -> None:
+        """Refresh outcomes other than success and reuse (those two are audit events); the token
+        endpoint reports a refused refresh as invalid_grant, raised while handling the original."""
+        for e in (error, error.__context__):
+            if isinstance(e, RefreshError):
+                if not isinstance(e, RefreshTokenReused):
+                    self.refreshes.labels(e.code).inc()
+                return
 
     async def handler(self, request: web.Request) -> web.Response:
         if self.multiprocess:

@@ -88,6 +88,7 @@ def make_middleware(
                 response = await handler(request)
             except GatewayError as e:
                 response = error_response(e, realm)
+                metrics.refused(e)
                 failure = request.get(AUTH_FAILURE)
                 if failure:
                     metrics.token_failure(failure)

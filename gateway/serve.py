@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import multiprocess
 
 from gateway.app import SHARED, create_app, reload
 from gateway.config import GatewayConfig, load_config
@@ -23,12 +25,27 @@ from gateway.middlewares import GatewayRunner, JsonAccessLogger
 
 log = logging.getLogger("gateway")
 _RAW = ("gateway.access", "gateway.audit")
+#: Token-shaped values (JWTs, 103-character refresh tokens, credentials after Bearer/Basic) are
+#: masked in every line, whatever code path (a library's exception message, a debug line) tried
+#: to log one. The replacement keeps JSON valid: it only replaces runs of token characters.
+_SECRET = re.compile(
+    r"eyJ[A-Za-z0-9_-]{8,}(?:\.[A-Za-z0-9_-]*){0,2}"
+    r"|(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{103}(?![A-Za-z0-9_-])"
+    r"|(?i:\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{12,}"
+)
+
+
+def redact(text: str) -> str:
+    return _SECRET.sub("[redacted]", text)
 
 
 class JsonFormatter(logging.Formatter):
     """Every log line is one JSON object; access and audit lines are already JSON."""
 
     def format(self, record: logging.LogRecord) -> str:
+        return redact(self._format(record))
+
+    def _format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         if record.name in _RAW and message.startswith("{"):
             return message
@@ -166,6 +183,8 @@ def supervise(config_path: str, config: GatewayConfig, workers: int) -> int:
                 if stopping:
                     continue
                 log.error("worker %d exited with %s; restarting", p.pid, code)
+                # Its in-flight gauge must stop counting (counters stay: totals survive it).
+                multiprocess.mark_process_dead(p.pid, metrics_dir)  # type: ignore[no-untyped-call]
                 time.sleep(0.5)
                 procs[i] = subprocess.Popen(cmd, env=env)
             if stopping and all(p.poll() is not None for p in procs):

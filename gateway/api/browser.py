@@ -54,12 +54,16 @@ def safe_return(target: str | None, allowed_hosts: frozenset[str]) -> str:
     decoded = unquote(unquote(target))
     if _DECODED_BAD.search(decoded) or decoded.startswith("//"):
         return "/"
-    parts = urlsplit(target)
+    try:
+        parts = urlsplit(target)
+        hostname = parts.hostname
+    except ValueError:  # `http://[`: not a URL at all
+        return "/"
     if target.startswith("/") and not target.startswith("//") and not parts.scheme and not parts.netloc:
         return quote(target, safe=_URL_SAFE)
-    if parts.scheme in ("https", "http") and parts.hostname and not parts.username:
+    if parts.scheme in ("https", "http") and hostname and not parts.username:
         host = parts.netloc.lower()
-        if host in allowed_hosts or (parts.hostname or "") in allowed_hosts:
+        if host in allowed_hosts or hostname in allowed_hosts:
             return quote(target, safe=_URL_SAFE)
     return "/"
 

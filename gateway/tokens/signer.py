@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -205,6 +206,8 @@ class KeyRing:
         """A verified Identity, or InvalidToken / TokenExpired saying why not."""
         if len(token) > self.config.max_token_bytes:
             raise InvalidToken("The access token is too large.")
+        if not token.isascii():  # a JWT is base64url and dots; PyJWT would fail to encode it
+            raise InvalidToken("The access token is malformed.")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -236,12 +239,13 @@ class KeyRing:
 
     def _identity(self, claims: dict[str, Any]) -> Identity:
         now, leeway = self._clock.now(), self.config.leeway
-        exp, iat, nbf = claims.get("exp"), claims.get("iat"), claims.get("nbf", claims.get("iat"))
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (exp, iat, nbf)):
+        exp, iat = _seconds(claims.get("exp")), _seconds(claims.get("iat"))
+        nbf = _seconds(claims.get("nbf", claims.get("iat")))
+        if exp is None or iat is None or nbf is None:
             raise InvalidToken("The access token has malformed time claims.")
-        if now >= exp + leeway:  # type: ignore[operator]
+        if now >= exp + leeway:
             raise TokenExpired()
-        if nbf > now + leeway or iat > now + leeway:  # type: ignore[operator]
+        if nbf > now + leeway or iat > now + leeway:
             raise InvalidToken("The access token is not valid yet.")
         sub, sid, jti, roles = claims["sub"], claims["sid"], claims["jti"], claims.get("roles", [])
         if not (isinstance(sub, str) and isinstance(sid, str) and isinstance(jti, str) and sub):
@@ -249,8 +253,18 @@ class KeyRing:
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise InvalidToken("The access token has malformed roles.")
         extra = {k: claims[k] for k in self.config.extra_claims if k in claims}
-        return Identity(sub, tuple(roles), sid, jti, float(iat), float(exp),  # type: ignore[arg-type]
-                        MappingProxyType(extra))
+        return Identity(sub, tuple(roles), sid, jti, iat, exp, MappingProxyType(extra))
+
+
+def _seconds(value: object) -> float | None:
+    """A NumericDate as a finite float; None for anything else (NaN would never expire)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def _read(path: str) -> bytes:

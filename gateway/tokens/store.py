@@ -11,6 +11,7 @@ Redis errors are translated here, once, into StoreUnavailable.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import importlib.resources
@@ -24,6 +25,9 @@ from redis.exceptions import RedisError
 from gateway.errors import StoreUnavailable
 
 T = TypeVar("T")
+#: Seconds without traffic on the revocation channel before it is pinged (and given up on when
+#: the PONG does not come back within as long again).
+_FEED_IDLE = 10.0
 
 
 def _lua(name: str) -> str:
@@ -250,8 +254,23 @@ class SessionStore:
         pubsub = self.redis.pubsub()
         try:
             await pubsub.subscribe(self.channel)
+            pinged = False
             while True:
-                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                # A blocking read under our own idle bound: redis-py's per-read timeouts can
+                # swallow a cancellation (seen with redis-py 8.1 on Python 3.11 after a
+                # reconnect), which would leave this feed impossible to stop on shutdown.
+                try:
+                    msg = await asyncio.wait_for(
+                        pubsub.get_message(ignore_subscribe_messages=True, timeout=None),
+                        _FEED_IDLE,
+                    )
+                except TimeoutError:
+                    if pinged:  # not even the PONG came back: a half-open connection
+                        raise ConnectionError("no reply on the revocation channel") from None
+                    pinged = True
+                    await pubsub.ping()
+                    continue
+                pinged = False
                 if msg is None or msg.get("type") != "message":
                     continue
                 batch: list[tuple[str, int]] = []
