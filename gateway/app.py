@@ -105,7 +105,8 @@ def build_runtime(config: GatewayConfig, shared: Shared, keyring: KeyRing | None
         record = await shared.store.get(sid)
         return record.last_used_ms / 1000 if record and not record.revoked else None
 
-    proxy = Proxy(shared.session, clock, session_refreshed_at, shared.revocations.watch)
+    proxy = Proxy(shared.session, clock, session_refreshed_at, shared.revocations.watch,
+                  body_timeout=config.listen.body_timeout)
     edge = Edge(
         config=config, router=Router(config.routes), authn=authn, plan=plan, proxy=proxy,
         keyring=keyring, clock=clock, browser=browser, session_active=shared.store.is_active,
@@ -132,7 +133,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     """The gateway's own endpoints by exact path; everything else takes the edge path."""
     check_head(request)
     runtime = request.app[HOLDER].current
-    path = request.raw_path.partition("?")[0]
+    # Normalised once, here: the gateway's own endpoints and the routes see the same path.
+    path = normalise_path(request.raw_path.partition("?")[0])
     methods = runtime.own.get(path)
     if methods is not None:
         request[ROUTE_NAME] = path  # the gateway's own endpoints: a fixed set of metric labels
@@ -142,7 +144,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             methods = runtime.own_prefixed
             request[ROUTE_NAME] = runtime.own_prefix + "{sid}"
     if methods is None:
-        return await runtime.edge.handle(request)
+        return await runtime.edge.handle(request, path)
     handler = methods.get(request.method)
     if handler is None:
         raise MethodNotAllowed(headers={"Allow": ", ".join(sorted(methods))})

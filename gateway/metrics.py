@@ -31,6 +31,7 @@ _LOGIN = {"login_success": "success", "login_failure": "failure", "login_rate_li
 class Metrics:
     def __init__(self) -> None:
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self._children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
         # In multiprocess mode values go to the shared directory, not to a registry.
         registry = None if self.multiprocess else CollectorRegistry()
         self.registry = registry
@@ -65,10 +66,19 @@ class Metrics:
 
     # --- hooks ------------------------------------------------------------------------------
     def observe_request(self, route: str, status: int, seconds: float, upstream: float | None) -> None:
-        self.requests.labels(route, _STATUS.get(status // 100, "5xx")).inc()
-        self.duration.labels(route).observe(seconds)
+        # Labelled children are looked up once per (route, status class): labels() costs
+        # a lock and a tuple build on every call.
+        key = (route, status // 100)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, _STATUS.get(key[1], "5xx")),
+                        self.duration.labels(route), self.upstream.labels(route))
+            if len(self._children) < 10_000:
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
         if upstream is not None:
-            self.upstream.labels(route).observe(upstream)
+            children[2].observe(upstream)
 
     def token_failure(self, reason: str) -> None:
         self.token_failures.labels(reason).inc()

@@ -102,6 +102,12 @@ def make_middleware(
                 response = error_response(GatewayError(), realm)
             if not response.prepared:
                 response.headers["X-Request-Id"] = request_id
+                if response.status == RequestTimeout.status and request.protocol is not None:
+                    # A too-slow body: answer, then hang up rather than linger reading the rest.
+                    response.force_close()
+                    await response.prepare(request)
+                    await response.write_eof()
+                    request.protocol.force_close()
             status = response.status
             return response
         finally:
@@ -115,13 +121,24 @@ def make_middleware(
 class JsonAccessLogger(AbstractAccessLogger):
     """One JSON line per request; the path without its query (values there may be secrets)."""
 
+    _second = -1
+    _stamp = ""
+
+    def _time(self) -> str:
+        # strftime once per second per connection, not per request
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        return f"{self._stamp}.{int(now % 1 * 1000):03d}Z"
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_: float) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
             return
         identity = request.get(IDENTITY)
         upstream = request.get(UPSTREAM_DURATION)
         record: dict[str, Any] = {
-            "time": _iso(time.time()),
+            "time": self._time(),
             "request_id": request.get(REQUEST_ID),
             "remote": request.remote,
             "method": request.method,
@@ -142,10 +159,6 @@ class JsonAccessLogger(AbstractAccessLogger):
     @property
     def enabled(self) -> bool:
         return True
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
 class _JsonErrorRequestHandler(web_protocol.RequestHandler):  # type: ignore[misc]

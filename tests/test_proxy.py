@@ -635,7 +635,8 @@ async def test_upstream_204_and_304_pass_through(gateway):
         await up.stop()
 
 
-async def test_upstream_body_cut_short_is_not_passed_off_as_complete(gateway):
+async def test_small_upstream_body_cut_short_is_a_502(gateway):
+    # Small sized bodies are read whole before anything is sent: a short one never starts a 200.
     canned = await CannedServer(
         b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\nonly-part"
     ).start()
@@ -645,9 +646,25 @@ async def test_upstream_body_cut_short_is_not_passed_off_as_complete(gateway):
                               b"GET /public/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
     finally:
         await canned.stop()
+    assert r.status == 502
+    assert json.loads(r.body)["error"] == "bad_gateway"
+
+
+async def test_large_upstream_body_cut_short_is_not_passed_off_as_complete(gateway):
+    # Large bodies stream: once the head is out, a short body is signalled by the connection
+    # closing before the declared length.
+    canned = await CannedServer(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\nConnection: close\r\n\r\nonly-part"
+    ).start()
+    try:
+        client = await gateway(routes=public(canned.url))
+        r = await raw_request(client.server.port,
+                              b"GET /public/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+    finally:
+        await canned.stop()
     assert r.status == 200
-    assert r.header("Content-Length") == "100"
-    assert len(r.body) < 100  # the client sees a short body against the declared length
+    assert r.header("Content-Length") == "1000000"
+    assert len(r.body) < 1000000  # the client sees a short body against the declared length
 
 
 async def test_chunked_upstream_body_cut_short_is_not_terminated(gateway):

@@ -84,6 +84,8 @@ class Listen(Frozen):
     trusted_proxies: tuple[str, ...] = ()
     #: Time allowed for a client to send the request head; slow-header clients are cut off.
     header_timeout: Duration = 10.0
+    #: Longest pause allowed between two pieces of a request body; slow-body clients are cut off.
+    body_timeout: Duration = 30.0
     #: Idle keep-alive connections are closed after this long.
     keepalive_timeout: Duration = 75.0
     #: Time allowed for in-flight requests to finish on SIGTERM.

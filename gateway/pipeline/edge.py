@@ -15,7 +15,7 @@ from gateway.pipeline.authn import Authenticator
 from gateway.pipeline.authz import authorize
 from gateway.pipeline.identity import HeaderPlan
 from gateway.pipeline.proxy import Balancer, Proxy
-from gateway.pipeline.router import Router, normalise_path
+from gateway.pipeline.router import Router
 from gateway.request_state import AUTH_FAILURE, IDENTITY, REQUEST_ID, ROUTE_NAME
 from gateway.tokens.claims import Identity
 from gateway.tokens.signer import KeyRing
@@ -71,8 +71,8 @@ class Edge:
             self.balancers[route.name] = Balancer(route.upstream, self.clock)
         self._access_cookie = self.config.cookies.access_name if self.config.cookies.enabled else None
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        path = normalise_path(request.raw_path.partition("?")[0])
+    async def handle(self, request: web.Request, path: str) -> web.StreamResponse:
+        """Serve a request whose path `dispatch` has already normalised."""
         match = self.router.match(request.method, path, request.headers.get("Host"))
         route = match.route
         request[ROUTE_NAME] = route.name

@@ -20,6 +20,7 @@ HOP_BY_HOP = frozenset({
 _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded",
                         "x-real-ip", "x-request-id", "host"})
 _VERDICT_CACHE = 1024
+_DEFAULT_NAMES = ("X-User-Id", "X-User-Roles", "X-Session-Id", "X-Identity-Token")
 
 
 class HeaderPlan:
@@ -29,9 +30,10 @@ class HeaderPlan:
         self._user_id, self._roles, self._sid = names.user_id, names.roles, names.session_id
         self._claims = tuple(config.claims.items())
         self._token_header = config.token_header
+        # The default names are stripped too: a backend may still read them after a rename.
         self._strip_exact = frozenset(
             _folded(n) for n in (names.user_id, names.roles, names.session_id,
-                                 config.token_header, *config.claims.values())
+                                 config.token_header, *config.claims.values(), *_DEFAULT_NAMES)
         ) | HOP_BY_HOP | _FORWARDED
         self._strip_prefixes = tuple(_folded(p) for p in config.strip_prefixes)
         self._gateway_cookies = frozenset(gateway_cookies)

@@ -16,7 +16,13 @@ from yarl import URL
 
 from gateway.clock import Clock
 from gateway.config.model import Route
-from gateway.errors import BadGateway, BadRequest, GatewayTimeout, PayloadTooLarge
+from gateway.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    PayloadTooLarge,
+    RequestTimeout,
+)
 from gateway.pipeline.identity import HOP_BY_HOP
 from gateway.request_state import UPSTREAM_DURATION
 from gateway.tokens.claims import Identity
@@ -26,6 +32,8 @@ log = logging.getLogger("gateway.proxy")
 #: A down upstream is skipped for this long after a failed connect (unless all are down).
 _DOWN_FOR = 5.0
 _CHUNK = 64 * 1024
+#: Sized response bodies up to this are read whole and sent with the head in one write.
+_SMALL_BODY = 64 * 1024
 _WS_HEADERS = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                          "sec-websocket-protocol", "sec-websocket-accept"})
 #: aiohttp's client would add these to a request that lacks them; the upstream gets what the
@@ -77,8 +85,10 @@ def _target(url: URL) -> _Target:
 
 class Proxy:
     def __init__(self, session: aiohttp.ClientSession, clock: Clock, probe: SessionProbe | None,
-                 watch: Callable[[str, Callable[[], None]], Callable[[], None]]):
+                 watch: Callable[[str, Callable[[], None]], Callable[[], None]],
+                 body_timeout: float = 30.0):
         self._session = session
+        self._body_timeout = body_timeout
         self._clock = clock
         self._probe = probe
         self._watch = watch
@@ -101,7 +111,7 @@ class Proxy:
         if route.websocket and _is_websocket(request):
             return await self._websocket(request, route, balancer, path, headers, identity,
                                          on_prepare)
-        body = _request_body(request, route.max_body)
+        body = _request_body(request, route.max_body, self._body_timeout)
         order = balancer.order()
         for attempt, index in enumerate(order):
             target = balancer.targets[index]
@@ -131,6 +141,19 @@ class Proxy:
                 timeout=self._timeout(route), allow_redirects=False, compress=False,
                 chunked=None, skip_auto_headers=_NO_AUTO_HEADERS,
             ) as upstream:
+                has_body = request.method != "HEAD" and upstream.status not in (204, 304)
+                length = upstream.content_length
+                if has_body and length is not None and length <= _SMALL_BODY:
+                    # Small, sized bodies (most API answers): read them whole and send head and
+                    # body in one write. A short read raises before anything reaches the client.
+                    data = await upstream.read()
+                    request[UPSTREAM_DURATION] = self._clock.monotonic() - started
+                    small = web.Response(status=upstream.status, reason=upstream.reason, body=data)
+                    _copy_response_headers(upstream, small, skip_length=True)
+                    small.headers.update(response_headers)
+                    if on_prepare is not None:
+                        on_prepare(small)
+                    return small
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 _copy_response_headers(upstream, response)
                 response.headers.update(response_headers)
@@ -138,7 +161,7 @@ class Proxy:
                     on_prepare(response)
                 await response.prepare(request)
                 request[UPSTREAM_DURATION] = self._clock.monotonic() - started
-                if request.method != "HEAD" and upstream.status not in (204, 304):
+                if has_body:
                     async for chunk in upstream.content.iter_any():
                         await response.write(chunk)
                 await response.write_eof()
@@ -148,6 +171,8 @@ class Proxy:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             if body is not None and body.too_large:
                 raise PayloadTooLarge() from None
+            if body is not None and body.too_slow and not (response and response.prepared):
+                raise RequestTimeout() from None
             if response is not None and response.prepared:
                 # Headers are out; the only honest signal left is an aborted connection.
                 log.info("upstream stream broke after headers: %s", type(e).__name__)
@@ -282,15 +307,21 @@ def _is_websocket(request: web.Request) -> bool:
 class _Body:
     """The client's body as a stream to the upstream, counted against the route's limit."""
 
-    def __init__(self, request: web.Request, limit: int):
+    def __init__(self, request: web.Request, limit: int, idle: float):
         self._content = request.content
         self._limit = limit
+        self._idle = idle
         self.too_large = False
+        self.too_slow = False
 
     async def stream(self) -> AsyncIterator[bytes]:
         seen = 0
         while True:
-            chunk = await self._content.readany()
+            try:
+                chunk = await asyncio.wait_for(self._content.readany(), self._idle)
+            except asyncio.TimeoutError:
+                self.too_slow = True
+                raise RequestTimeout() from None
             if not chunk:
                 return
             seen += len(chunk)
@@ -300,13 +331,13 @@ class _Body:
             yield chunk
 
 
-def _request_body(request: web.Request, limit: int) -> _Body | None:
+def _request_body(request: web.Request, limit: int, idle: float) -> _Body | None:
     length = request.content_length
     if length is not None and limit and length > limit:
         raise PayloadTooLarge()
     if not request.body_exists:
         return None
-    return _Body(request, limit)
+    return _Body(request, limit, idle)
 
 
 def _raw_query(request: web.Request) -> str:
@@ -321,14 +352,17 @@ def _url(target: _Target, path: str, query: str) -> URL:
     )
 
 
-def _copy_response_headers(upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
-    connection_named = {
-        t.strip().lower() for v in upstream.headers.getall("Connection", ()) for t in v.split(",")
-    }
+def _copy_response_headers(
+    upstream: aiohttp.ClientResponse, response: web.StreamResponse, *, skip_length: bool = False
+) -> None:
+    connection = upstream.headers.getall("Connection", ())
+    connection_named = {t.strip().lower() for v in connection for t in v.split(",")}
     for name, value in upstream.headers.items():
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in connection_named:
             continue
+        if skip_length and lower == "content-length":
+            continue  # web.Response sets it from the body it holds
         response.headers.add(name, value)
 
 
