@@ -228,8 +228,8 @@ def test_unknown_key_names_the_key_and_what_is_expected() -> None:
           port: 8080
           prot: 8081
         """)) == [
-        ("gw.yaml:4:3: listen.prot: unknown key 'prot'; expected one of: drain_timeout, "
-        "header_timeout, host, keepalive_timeout, max_field_size, max_headers, max_line_size, "
+        ("gw.yaml:4:3: listen.prot: unknown key 'prot'; expected one of: body_timeout, "
+        "drain_timeout, header_timeout, host, keepalive_timeout, max_field_size, max_headers, max_line_size, "
         "port, trusted_proxies"),
     ]
 
@@ -349,8 +349,8 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert problems(text, base_dir=tmp_path) == [
         ("gw.yaml:2:9: listen.port: Input should be a valid integer, unable to parse string as an "
         "integer, got str 'eighty'"),
-        ("gw.yaml:3:3: listen.colour: unknown key 'colour'; expected one of: drain_timeout, "
-        "header_timeout, host, keepalive_timeout, max_field_size, max_headers, max_line_size, "
+        ("gw.yaml:3:3: listen.colour: unknown key 'colour'; expected one of: body_timeout, "
+        "drain_timeout, header_timeout, host, keepalive_timeout, max_field_size, max_headers, max_line_size, "
         "port, trusted_proxies"),
         "gw.yaml:4:3: listen.port: duplicate key 'port'",
         ("gw.yaml:6:15: tokens.access_ttl: expected a duration like 30s, 15m or 14d, "

@@ -75,7 +75,7 @@ class FaultyUpstream:
             elif kind == "bad-length":
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: banana\r\n\r\nok")
             await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+        except (TimeoutError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
