@@ -35,7 +35,19 @@ _SECRET = re.compile(
 )
 
 
+_TOKEN_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+#: Maps every token character to "a": a run of 103 of them shows as 103 "a"s (C-speed checks).
+_TOKENISH = str.maketrans(dict.fromkeys(_TOKEN_CHARS, "a"))
+_RUN = "a" * 103
+
+
 def redact(text: str) -> str:
+    # The regex costs tens of microseconds per line; substring checks rule out almost every
+    # line (an access line with no token) in about one.
+    if "eyJ" not in text and _RUN not in text.translate(_TOKENISH):
+        lower = text.lower()
+        if "bearer" not in lower and "basic" not in lower:
+            return text
     return _SECRET.sub("[redacted]", text)
 
 
