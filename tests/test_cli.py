@@ -108,9 +108,9 @@ def test_check_prints_every_error_located(tmp_path: Path) -> None:
     assert r.stderr.splitlines() == [
         (f"{path}:2:9: listen.port: Input should be a valid integer, unable to parse string as an "
         "integer, got str 'eighty'"),
-        (f"{path}:3:3: listen.colour: unknown key 'colour'; expected one of: drain_timeout, "
-        "header_timeout, host, keepalive_timeout, max_field_size, max_headers, max_line_size, "
-        "port, trusted_proxies"),
+        (f"{path}:3:3: listen.colour: unknown key 'colour'; expected one of: body_timeout, "
+        "drain_timeout, header_timeout, host, keepalive_timeout, max_field_size, max_headers, "
+        "max_line_size, port, trusted_proxies"),
         (f"{path}:5:15: tokens.access_ttl: expected a duration like 30s, 15m or 14d, "
         "got '5 minutes'"),
         f"{path}:7:9: users.file: no such file: {tmp_path / 'nowhere.yaml'}",
