@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import multiprocess
 
-from gateway.app import SHARED, create_app, reload
+from gateway.app import create_app, reload
 from gateway.config import GatewayConfig, load_config
 from gateway.metrics import Metrics
 from gateway.middlewares import GatewayRunner, JsonAccessLogger
@@ -143,7 +143,6 @@ async def run_worker(config_path: str, *, reuse_port: bool = False,
     if admin is not None:
         await admin.cleanup()
     await runner.cleanup()
-    _ = app.get(SHARED)
     log.info("stopped")
 
 
