@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.gateway_process import GatewayProcess
 from tests.support.processes import (  # noqa: F401 - process_gateway is a fixture
+    wait_refusing,
     children,
     connection_owners,
     log_records,
@@ -105,17 +106,7 @@ async def test_sigterm_drains_in_flight_requests(process_gateway, make_yaml, ups
     await wait_for(lambda: any(r.path == "/public/slow" for r in upstream.received))
     gw.signal(signal.SIGTERM)
 
-    async def refused() -> bool:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        except ConnectionRefusedError:
-            return True
-        writer.close()
-        return False
-
-    async with asyncio.timeout(5):
-        while not await refused():
-            await asyncio.sleep(0.05)
+    await wait_refusing(gw.port)
     assert not in_flight.done(), "the slow request finished before new connections were refused"
     status, body, _ = await in_flight
     assert status == 200

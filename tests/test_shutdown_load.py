@@ -11,7 +11,11 @@ from typing import Any
 
 import aiohttp
 
-from tests.support.processes import process_gateway  # noqa: F401 - fixture
+from tests.support.processes import (  # noqa: F401 - process_gateway is a fixture
+    process_gateway,
+    refuses_connections,
+    wait_refusing,
+)
 
 CLIENTS = 10
 TIMEOUT = aiohttp.ClientTimeout(total=10)
@@ -77,19 +81,9 @@ async def test_sigterm_under_load_completes_started_requests(process_gateway, ma
     sent_at = time.monotonic()
     gw.signal(signal.SIGTERM)
 
-    async def refused() -> bool:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        except ConnectionRefusedError:
-            return True
-        writer.close()
-        return False
-
-    async with asyncio.timeout(5):
-        while not await refused():
-            await asyncio.sleep(0.05)
+    await wait_refusing(gw.port)
     for _ in range(5):  # and it stays refused
-        assert await refused()
+        assert await refuses_connections(gw.port)
     await asyncio.sleep(0.5)
     stop.set()
     await asyncio.wait_for(asyncio.gather(*clients), 15)

@@ -103,3 +103,19 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0,
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(interval)
+
+
+async def refuses_connections(port: int) -> bool:
+    """True when nothing accepts on 127.0.0.1:port (a draining gateway has closed its socket)."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
+
+
+async def wait_refusing(port: int, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await refuses_connections(port):
+            await asyncio.sleep(0.05)
