@@ -4,11 +4,13 @@ number of sessions grows.
   memory: FLUSHALL, create N sessions the way `SessionStore.create` does (create.lua, then the
           per-user index commands; pipelined 1000 at a time, and checked against a session made
           by store.create itself), then (INFO used_memory delta) / N. Two users' worth
-          of record shape are measured: a browser User-Agent (111 chars) and a short one.
+          of record shape are measured: a browser User-Agent (111 chars) and a short one; the
+          report names the session hash's encoding (listpack while no value is longer than
+          hash-max-listpack-value, 64 bytes by default: the User-Agent is stored in chunks).
   scale:  probe sessions created through the store, then filler sessions bulk-loaded by a Lua
-          script writing create.lua's hash layout (same fields, same value sizes) and the user
-          index, up to each level (1k, 100k, 1M); at each level the probes are rotated
-          back to back by one client and `SessionStore.rotate` p50/p99 is recorded.
+          script writing the store's hash layout (same fields, same value sizes, checked against
+          a probe) and the user index, up to each level (1k, 100k, 1M); at each level the probes
+          are rotated back to back by one client and `SessionStore.rotate` p50/p99 is recorded.
 
   python bench/micro_redis.py --redis-url redis://127.0.0.1:PORT/0 --flush-ok [--quick]
 FLUSHALL wipes that Redis: --flush-ok says it is a throwaway server (the suite starts its own).
@@ -31,17 +33,20 @@ from bench.benchlib import BROWSER_UA, summary_ms, write_json  # noqa: E402
 from gateway.config.model import RedisConfig  # noqa: E402
 from gateway.tokens import refresh as rt  # noqa: E402
 from gateway.tokens.connection import connect  # noqa: E402
-from gateway.tokens.store import SessionRecord, SessionStore, _tag  # noqa: E402
+from gateway.tokens.store import SessionRecord, SessionStore, _tag, _ua_fields  # noqa: E402
 
 PREFIX = "gw:"
 SHORT_UA = "curl/8.5.0"
 DAY_MS = 86_400_000
 
-# Filler sessions with create.lua's layout. KEYS unused (standalone Redis only, never a cluster).
-# ARGV: prefix, first index, count, now_ms, exp_ms, max_ms, user agent, sessions per user
+# Filler sessions with SessionStore.create's layout. KEYS unused (standalone Redis only, never a
+# cluster). ARGV: prefix, first index, count, now_ms, exp_ms, max_ms, sessions per user, then the
+# User-Agent's field/value pairs as the store writes them (ua, ua1, ...: 64-byte chunks).
 _BULK = """
 local p, first, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local now, exp, max, ua, per = ARGV[4], ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
+local now, exp, max, per = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local ua = {}
+for i = 8, #ARGV do ua[#ua + 1] = ARGV[i] end
 for i = first, first + n - 1 do
   local sid = string.format('F%021d', i)
   local digest = redis.sha1hex(sid)
@@ -49,7 +54,7 @@ for i = first, first + n - 1 do
   local key = p .. 's:{' .. sid .. '}'
   redis.call('HSET', key, 'sub', user, 'r', 'user', 'c', now, 'u', now, 'x', exp, 'm', max,
              'g', 0, 'h', string.sub(digest .. digest, 1, 32), 'k', string.sub(digest, 1, 16),
-             'ip', '203.0.113.7', 'ua', ua, 'e', '{"email":"' .. user .. '@example.com"}')
+             'ip', '203.0.113.7', 'e', '{"email":"' .. user .. '@example.com"}', unpack(ua))
   redis.call('PEXPIREAT', key, exp)
   local ukey = p .. 'u:{' .. user .. '}'
   redis.call('ZADD', ukey, max, sid)
@@ -80,7 +85,7 @@ def _fields(r: SessionRecord, body_hash: bytes, mac_key: bytes) -> list[Any]:
     fields: list[Any] = [
         "sub", r.sub, "r", ",".join(r.roles), "c", r.created_ms, "u", r.last_used_ms,
         "x", r.expires_ms, "m", r.max_expires_ms, "g", 0, "h", body_hash, "k", mac_key,
-        "ip", r.ip, "ua", r.user_agent,
+        "ip", r.ip, *_ua_fields(r.user_agent),
     ]
     return fields + (["e", r.extra] if r.extra else [])
 
@@ -122,6 +127,17 @@ async def _same_layout(redis: Any, store: SessionStore, ua: str) -> None:
                            f"{await shape(a)} != {await shape(b)}")
     for r in (a, b):
         await redis.delete(f"{PREFIX}s:{{{r.sid}}}", f"{PREFIX}u:{{{_tag(r.sub)}}}")
+
+
+async def _same_fields(redis: Any, probe: str, filler: str) -> None:
+    """A bulk-loaded filler session must have the fields and encoding of one from store.create."""
+    async def shape(sid: str) -> tuple[Any, ...]:
+        key = f"{PREFIX}s:{{{sid}}}"
+        return tuple(sorted(await redis.hkeys(key))), await redis.object("encoding", key)
+
+    if await shape(probe) != await shape(filler):
+        raise RuntimeError("the bulk loader no longer matches SessionStore.create: "
+                           f"{await shape(probe)} != {await shape(filler)}")
 
 
 async def create_sessions(store: SessionStore, n: int, ua: str, per_user: int,
@@ -212,7 +228,9 @@ async def scale(redis: Any, levels: list[int], rotations: int, budget: float) ->
         while loaded < level and time.monotonic() - start < budget:
             n = min(20_000, level - loaded)
             await bulk(args=[PREFIX, loaded, n, now_ms, now_ms + 14 * DAY_MS,
-                             now_ms + 30 * DAY_MS, BROWSER_UA, 2])
+                             now_ms + 30 * DAY_MS, 2, *_ua_fields(BROWSER_UA)])
+            if loaded == len(probes):
+                await _same_fields(redis, probes[0][0], f"F{loaded:021d}")
             loaded += n
         if loaded < level:
             out.append({"level": level, "reached": loaded, "note": "load budget exhausted"})

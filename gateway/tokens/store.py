@@ -73,6 +73,46 @@ def _roles(value: bytes | None) -> tuple[str, ...]:
     return tuple(r for r in _s(value).split(",") if r)
 
 
+#: Redis keeps a hash in its compact listpack encoding only while every value is at most
+#: `hash-max-listpack-value` bytes (64 by default); a single longer one (a browser User-Agent is
+#: over 100) turns the whole session into a hashtable, twice the memory. So the User-Agent is
+#: stored in chunks of at most 64 bytes as fields ua, ua1, ua2, ... (the other fields stay whole:
+#: the README's Redis notes say which can outgrow 64 bytes).
+_CHUNK = 64
+#: 1 KiB: more than the 256 characters the token service keeps can take (4 bytes at most each).
+_UA_MAX_BYTES = 1024
+
+
+def _ua_fields(user_agent: str) -> list[Any]:
+    """`ua`, first chunk[, `ua1`, next chunk, ...]: cut at character boundaries, so every chunk
+    is UTF-8 by itself (a gateway of the previous version, reading only `ua` during a rolling
+    upgrade, shows a prefix rather than failing to decode)."""
+    data = user_agent.encode()
+    if len(data) > _UA_MAX_BYTES:
+        data = data[:_UA_MAX_BYTES].decode(errors="ignore").encode()  # drop a cut character
+    fields: list[Any] = []
+    start = 0
+    while True:
+        end = min(start + _CHUNK, len(data))
+        while end < len(data) and data[end] & 0xC0 == 0x80:  # a continuation byte: back off
+            end -= 1
+        fields += [f"ua{len(fields) // 2}" if fields else "ua", data[start:end]]
+        start = end
+        if start >= len(data):
+            return fields
+
+
+def _user_agent(raw: dict[bytes, bytes]) -> str:
+    """The User-Agent from its chunks (one `ua` field in sessions of the previous layout). Bytes
+    are joined before decoding; a revoked session has lost `ua`, so no stray tail is read."""
+    parts: list[bytes] = []
+    name = b"ua"
+    while name in raw and len(parts) < len(raw):
+        parts.append(raw[name])
+        name = b"ua%d" % len(parts)
+    return b"".join(parts).decode()
+
+
 class SessionStore:
     def __init__(self, redis: Any, prefix: str,
                  observe: Callable[[str, float, bool], None] | None = None):
@@ -116,7 +156,8 @@ class SessionStore:
         fields: list[Any] = [
             "sub", record.sub, "r", ",".join(record.roles), "c", record.created_ms,
             "u", record.last_used_ms, "x", record.expires_ms, "m", record.max_expires_ms,
-            "g", 0, "h", body_hash, "k", mac_key, "ip", record.ip, "ua", record.user_agent,
+            "g", 0, "h", body_hash, "k", mac_key, "ip", record.ip,
+            *_ua_fields(record.user_agent),
         ]
         if record.extra:
             fields += ["e", record.extra]
@@ -220,7 +261,7 @@ class SessionStore:
         return SessionRecord(
             sid=sid, sub=_s(raw[b"sub"]), roles=_roles(raw.get(b"r")), extra=_s(raw.get(b"e")),
             created_ms=num(b"c"), last_used_ms=num(b"u"), expires_ms=num(b"x"),
-            max_expires_ms=num(b"m"), ip=_s(raw.get(b"ip")), user_agent=_s(raw.get(b"ua")),
+            max_expires_ms=num(b"m"), ip=_s(raw.get(b"ip")), user_agent=_user_agent(raw),
             revoked=_s(raw.get(b"rv")) or None,
         )
 

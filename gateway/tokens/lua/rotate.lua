@@ -26,6 +26,8 @@ if gen == g - 1 and f[3] == ARGV[2] then
   -- same step, so the successor the thief (or victim) holds stops working.
   redis.call('HSET', s, 'rv', 'reused')
   redis.call('HDEL', s, 'h', 'p', 'k', 'ua', 'e')
+  local n = 1  -- and the rest of a long User-Agent: chunks ua1, ua2, ... (store.py)
+  while redis.call('HDEL', s, 'ua' .. n) == 1 do n = n + 1 end
   redis.call('DEL', KEYS[2])
   return {'reused', sub}
 end
