@@ -27,6 +27,7 @@ from gateway.pipeline.identity import HeaderPlan
 from gateway.pipeline.proxy import Proxy
 from gateway.pipeline.revocations import RevocationList
 from gateway.pipeline.router import Router, normalise_path
+from gateway.pipeline.upstream import UpstreamPool
 from gateway.request_state import ROUTE_NAME
 from gateway.tokens.connection import connect
 from gateway.tokens.service import TokenService
@@ -71,6 +72,7 @@ class Shared:
     redis: Any
     store: SessionStore
     session: aiohttp.ClientSession
+    upstreams: UpstreamPool
     revocations: RevocationList
     clock: Clock
     metrics: Metrics
@@ -105,8 +107,8 @@ def build_runtime(config: GatewayConfig, shared: Shared, keyring: KeyRing | None
         record = await shared.store.get(sid)
         return record.last_used_ms / 1000 if record and not record.revoked else None
 
-    proxy = Proxy(shared.session, clock, session_refreshed_at, shared.revocations.watch,
-                  body_timeout=config.listen.body_timeout)
+    proxy = Proxy(shared.upstreams, shared.session, clock, session_refreshed_at,
+                  shared.revocations.watch, body_timeout=config.listen.body_timeout)
     edge = Edge(
         config=config, router=Router(config.routes), authn=authn, plan=plan, proxy=proxy,
         keyring=keyring, clock=clock, browser=browser, session_active=shared.store.is_active,
@@ -226,10 +228,12 @@ def create_app(
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                         cookie_jar=aiohttp.DummyCookieJar(),
                                         timeout=aiohttp.ClientTimeout(total=None))
+        upstreams = UpstreamPool()
         feed: asyncio.Future[None] | None = None
         try:
             store = SessionStore(client, config.redis.key_prefix, observe=metrics.store_call)
-            shared = Shared(client, store, session, RevocationList(clock), clock, metrics)
+            shared = Shared(client, store, session, upstreams, RevocationList(clock), clock,
+                            metrics)
             app[SHARED] = shared
             app[HOLDER] = RuntimeHolder(build_runtime(config, shared))
             try:  # before serving: a (re)started instance refuses revoked sessions at once
@@ -241,6 +245,7 @@ def create_app(
         finally:
             if feed is not None:
                 await _stop(feed)
+            await upstreams.close()
             await session.close()
             if redis is None:
                 await client.aclose()

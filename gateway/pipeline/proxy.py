@@ -1,5 +1,5 @@
-"""Streaming forward over one pooled client: bodies flow both ways without buffering, WebSockets
-are relayed, upstream failures become 502/504, and a client that goes away cancels its request."""
+"""Forwarding: bodies flow both ways without buffering (small ones in one write), WebSockets are
+relayed, upstream failures become 502/504, and a client that goes away cancels its request."""
 
 from __future__ import annotations
 
@@ -24,6 +24,16 @@ from gateway.errors import (
     RequestTimeout,
 )
 from gateway.pipeline.identity import HOP_BY_HOP
+from gateway.pipeline.upstream import (
+    ConnectFailed,
+    Exchange,
+    Origin,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamTimeout,
+    chunked,
+    serialise_head,
+)
 from gateway.request_state import UPSTREAM_DURATION
 from gateway.tokens.claims import Identity
 
@@ -31,14 +41,12 @@ log = logging.getLogger("gateway.proxy")
 
 #: A down upstream is skipped for this long after a failed connect (unless all are down).
 _DOWN_FOR = 5.0
-_CHUNK = 64 * 1024
 #: Sized response bodies up to this are read whole and sent with the head in one write.
 _SMALL_BODY = 64 * 1024
 _WS_HEADERS = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                          "sec-websocket-protocol", "sec-websocket-accept"})
-#: aiohttp's client would add these to a request that lacks them; the upstream gets what the
-#: client sent.
-_NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+#: Methods whose bodyless requests carry no Content-Length.
+_BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 #: Session check for long-lived WebSockets: sid -> when it was last refreshed (epoch seconds),
 #: None when it is revoked or gone.
 SessionProbe = Callable[[str], Awaitable[float | None]]
@@ -51,6 +59,7 @@ class _Target:
     port: int | None
     base_path: str
     authority: str
+    origin: Origin
 
 
 class Balancer:
@@ -78,30 +87,22 @@ class Balancer:
 
 
 def _target(url: URL) -> _Target:
-    assert url.host is not None
+    assert url.host is not None and url.port is not None
     return _Target(url.scheme, url.host, url.explicit_port, url.raw_path.rstrip("/"),
-                   url.raw_authority)
+                   url.raw_authority, Origin(url.host, url.port, url.scheme == "https"))
 
 
 class Proxy:
-    def __init__(self, session: aiohttp.ClientSession, clock: Clock, probe: SessionProbe | None,
+    def __init__(self, pool: UpstreamPool, session: aiohttp.ClientSession, clock: Clock,
+                 probe: SessionProbe | None,
                  watch: Callable[[str, Callable[[], None]], Callable[[], None]],
                  body_timeout: float = 30.0):
-        self._session = session
+        self._pool = pool
+        self._session = session  # WebSockets only
         self._body_timeout = body_timeout
         self._clock = clock
         self._probe = probe
         self._watch = watch
-        self._timeouts: dict[str, aiohttp.ClientTimeout] = {}
-
-    def _timeout(self, route: Route) -> aiohttp.ClientTimeout:
-        timeout = self._timeouts.get(route.name)
-        if timeout is None:
-            timeout = aiohttp.ClientTimeout(
-                total=None, sock_connect=route.connect_timeout, sock_read=route.timeout
-            )
-            self._timeouts[route.name] = timeout
-        return timeout
 
     async def forward(
         self, request: web.Request, route: Route, balancer: Balancer, path: str,
@@ -112,79 +113,92 @@ class Proxy:
             return await self._websocket(request, route, balancer, path, headers, identity,
                                          on_prepare)
         body = _request_body(request, route.max_body, self._body_timeout)
+        # Small sized bodies are read first: one write with the head, and a retry can resend them.
+        payload = await body.read() if body is not None and body.small else None
+        _frame(headers, request.method, body, payload)
+        query = _raw_query(request)
         order = balancer.order()
-        for attempt, index in enumerate(order):
-            target = balancer.targets[index]
-            url = _url(target, path, _raw_query(request))
-            if not route.preserve_host:
-                headers["Host"] = target.authority
-            try:
-                return await self._exchange(request, route, url, headers, body, response_headers,
-                                            on_prepare)
-            except aiohttp.ClientConnectorError as e:
-                balancer.failed(index)
-                if attempt + 1 < len(order):
-                    continue  # nothing was sent: safe to try the next upstream
-                raise BadGateway("The upstream refused the connection.") from e
-        raise BadGateway()  # unreachable: order() is never empty
-
-    async def _exchange(
-        self, request: web.Request, route: Route, url: URL, headers: CIMultiDict[str],
-        body: _Body | None, response_headers: dict[str, str],
-        on_prepare: Callable[[web.StreamResponse], None] | None,
-    ) -> web.StreamResponse:
         started = self._clock.monotonic()
-        response: web.StreamResponse | None = None
         try:
-            async with self._session.request(
-                request.method, url, headers=headers, data=body.stream() if body else None,
-                timeout=self._timeout(route), allow_redirects=False, compress=False,
-                chunked=None, skip_auto_headers=_NO_AUTO_HEADERS,
-            ) as upstream:
-                has_body = request.method != "HEAD" and upstream.status not in (204, 304)
-                length = upstream.content_length
-                if has_body and length is not None and length <= _SMALL_BODY:
-                    # Small, sized bodies (most API answers): read them whole and send head and
-                    # body in one write. A short read raises before anything reaches the client.
-                    data = await upstream.read()
-                    request[UPSTREAM_DURATION] = self._clock.monotonic() - started
-                    small = web.Response(status=upstream.status, reason=upstream.reason, body=data)
-                    _copy_response_headers(upstream, small, skip_length=True)
-                    small.headers.update(response_headers)
-                    if on_prepare is not None:
-                        on_prepare(small)
-                    return small
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                _copy_response_headers(upstream, response)
-                response.headers.update(response_headers)
-                if on_prepare is not None:
-                    on_prepare(response)
-                await response.prepare(request)
-                request[UPSTREAM_DURATION] = self._clock.monotonic() - started
-                if has_body:
-                    async for chunk in upstream.content.iter_any():
-                        await response.write(chunk)
-                await response.write_eof()
-                return response
-        except aiohttp.ClientConnectorError:
-            raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            if body is not None and body.too_large:
-                raise PayloadTooLarge() from None
-            if body is not None and body.too_slow and not (response and response.prepared):
-                raise RequestTimeout() from None
-            if response is not None and response.prepared:
-                # Headers are out; the only honest signal left is an aborted connection.
-                log.info("upstream stream broke after headers: %s", type(e).__name__)
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            if isinstance(e, asyncio.TimeoutError):
-                raise GatewayTimeout() from e
-            raise BadGateway(_describe(e)) from e
+            for attempt, index in enumerate(order):
+                target = balancer.targets[index]
+                if not route.preserve_host:
+                    headers["Host"] = target.authority
+                stream = None
+                if body is not None and payload is None:
+                    stream = body.stream() if body.length is not None else chunked(body.stream())
+                try:
+                    head = serialise_head(request.method, _target_path(target, path, query),
+                                          headers.items())
+                except ValueError:
+                    raise BadRequest("A header value contains a line break.") from None
+                try:
+                    exchange = await self._pool.send(
+                        target.origin, request.method, head, payload, stream,
+                        connect_timeout=route.connect_timeout, timeout=route.timeout,
+                        replayable=stream is None,
+                    )
+                except ConnectFailed as e:
+                    balancer.failed(index)
+                    if attempt + 1 < len(order):
+                        continue  # nothing was sent: safe to try the next upstream
+                    if e.timed_out:
+                        raise GatewayTimeout("The upstream did not accept a connection in time.") from e
+                    raise BadGateway(e.message) from e
+                return await self._respond(request, route, exchange, response_headers, on_prepare,
+                                           started)
+        except UpstreamTimeout as e:
+            raise GatewayTimeout() from e
+        except UpstreamError as e:
+            raise BadGateway(e.message) from e
         finally:
             if UPSTREAM_DURATION not in request:
                 request[UPSTREAM_DURATION] = self._clock.monotonic() - started
+        raise BadGateway()  # unreachable: order() is never empty
+
+    async def _respond(
+        self, request: web.Request, route: Route, exchange: Exchange,
+        response_headers: dict[str, str], on_prepare: Callable[[web.StreamResponse], None] | None,
+        started: float,
+    ) -> web.StreamResponse:
+        response: web.StreamResponse | None = None
+        try:
+            status = exchange.status
+            has_body = request.method != "HEAD" and status not in (204, 304)
+            headers, length = _response_headers(exchange.headers)
+            if has_body and (exchange.complete or (length is not None and length <= _SMALL_BODY)):
+                # Small answers (most API calls): read whole, sent with the head in one write. A
+                # short read fails before anything reaches the client.
+                data = await exchange.read(route.timeout)
+                request[UPSTREAM_DURATION] = self._clock.monotonic() - started
+                headers.popall("Content-Length", None)  # web.Response sets it from the body
+                small = web.Response(status=status, reason=exchange.reason, body=data,
+                                     headers=headers)
+                small.headers.update(response_headers)
+                if on_prepare is not None:
+                    on_prepare(small)
+                return small
+            response = web.StreamResponse(status=status, reason=exchange.reason, headers=headers)
+            response.headers.update(response_headers)
+            if on_prepare is not None:
+                on_prepare(response)
+            await response.prepare(request)
+            request[UPSTREAM_DURATION] = self._clock.monotonic() - started
+            if has_body:
+                async for chunk in exchange.iter_body(route.timeout):
+                    await response.write(chunk)
+            await response.write_eof()
+            return response
+        except (UpstreamError, ConnectionError) as e:
+            if response is None or not response.prepared:
+                raise
+            # Headers are out; the only honest signal left is an aborted connection.
+            log.info("upstream stream broke after headers: %s", type(e).__name__)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        finally:
+            exchange.release()
 
     # --- WebSocket ----------------------------------------------------------------------------
     async def _websocket(
@@ -305,28 +319,30 @@ def _is_websocket(request: web.Request) -> bool:
 
 
 class _Body:
-    """The client's body as a stream to the upstream, counted against the route's limit."""
+    """The client's body, counted against the route's limit and the idle body timeout."""
 
     def __init__(self, request: web.Request, limit: int, idle: float):
         self._content = request.content
         self._limit = limit
         self._idle = idle
-        self.too_large = False
-        self.too_slow = False
+        self.length = request.content_length
+        self.small = self.length is not None and self.length <= _SMALL_BODY
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.stream()])
 
     async def stream(self) -> AsyncIterator[bytes]:
         seen = 0
         while True:
             try:
-                chunk = await asyncio.wait_for(self._content.readany(), self._idle)
-            except asyncio.TimeoutError:
-                self.too_slow = True
+                async with asyncio.timeout(self._idle):
+                    chunk = await self._content.readany()
+            except TimeoutError:
                 raise RequestTimeout() from None
             if not chunk:
                 return
             seen += len(chunk)
             if self._limit and seen > self._limit:
-                self.too_large = True
                 raise PayloadTooLarge()
             yield chunk
 
@@ -338,6 +354,21 @@ def _request_body(request: web.Request, limit: int, idle: float) -> _Body | None
     if not request.body_exists:
         return None
     return _Body(request, limit, idle)
+
+
+def _frame(headers: CIMultiDict[str], method: str, body: _Body | None,
+           payload: bytes | None) -> None:
+    """The upstream request's own body framing, never the client's."""
+    headers.popall("Content-Length", None)
+    if payload is not None:
+        headers["Content-Length"] = str(len(payload))
+    elif body is not None:
+        if body.length is not None:
+            headers["Content-Length"] = str(body.length)
+        else:
+            headers["Transfer-Encoding"] = "chunked"
+    elif method not in _BODYLESS:
+        headers["Content-Length"] = "0"  # some servers answer a POST without one with 411
 
 
 def _raw_query(request: web.Request) -> str:
@@ -352,18 +383,41 @@ def _url(target: _Target, path: str, query: str) -> URL:
     )
 
 
-def _copy_response_headers(
-    upstream: aiohttp.ClientResponse, response: web.StreamResponse, *, skip_length: bool = False
-) -> None:
-    connection = upstream.headers.getall("Connection", ())
-    connection_named = {t.strip().lower() for v in connection for t in v.split(",")}
-    for name, value in upstream.headers.items():
+def _target_path(target: _Target, path: str, query: str) -> str:
+    return f"{target.base_path}{path}?{query}" if query else target.base_path + path
+
+
+def _response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[CIMultiDict[str], int | None]:
+    """The upstream's end-to-end headers (hop-by-hop and Connection-named ones dropped) and
+    its Content-Length, if it gave one and the body is not chunked."""
+    pairs = [(_text(n, "latin-1"), _text(v)) for n, v in raw]
+    headers: CIMultiDict[str] = CIMultiDict()
+    connection_named: set[str] = set()
+    length: int | None = None
+    chunked_body = False
+    for name, value in pairs:
+        lower = name.lower()
+        if lower == "connection":
+            connection_named.update(t.strip().lower() for t in value.split(","))
+        elif lower == "transfer-encoding":
+            chunked_body = True
+        elif lower == "content-length":
+            length = int(value) if value.isdigit() else None
+    for name, value in pairs:
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in connection_named:
             continue
-        if skip_length and lower == "content-length":
-            continue  # web.Response sets it from the body it holds
-        response.headers.add(name, value)
+        if lower == "content-length" and chunked_body:
+            continue
+        headers.add(name, value)
+    return headers, None if chunked_body else length
+
+
+def _text(raw: bytes, encoding: str = "utf-8") -> str:
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def _describe(e: BaseException) -> str:
