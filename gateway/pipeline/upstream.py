@@ -86,6 +86,7 @@ class _Connection(asyncio.Protocol):
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
+        self._head_bytes = 0  # received while the head was incomplete
         self._framed = False  # Content-Length or chunked: the body does not end at EOF
         self._interim = False
         self.head_done = False
@@ -119,12 +120,21 @@ class _Connection(asyncio.Protocol):
             self._close()  # bytes nobody asked for: the connection can no longer be trusted
             return
         self.got_bytes = True
+        if not self.head_done:
+            # llhttp buffers a header line until it ends: an endless one is cut off here.
+            if self._head_bytes > MAX_HEAD:
+                self._fail(Malformed())
+                return
+            self._head_bytes += len(data)
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(Malformed("The upstream switched protocols on a plain request."))
         except httptools.HttpParserError:
-            self._fail(Malformed())
+            if self.done:
+                self._close()  # bytes after a complete answer: it stands, the connection does not
+            else:
+                self._fail(Malformed())
 
     def eof_received(self) -> bool:
         return False
@@ -140,6 +150,8 @@ class _Connection(asyncio.Protocol):
 
     # --- llhttp callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.done:  # a second response in the same read: not parsed into the first
+            raise httptools.HttpParserError("bytes after the response")
         self.reason = b""
         self.headers = []
 
@@ -149,6 +161,8 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value) + 4)
+        if self.head_done:
+            return  # a trailer field: never merged into the relayed head (RFC 9110 §6.5.1)
         lower = name.lower()
         if lower == b"content-length" or lower == b"transfer-encoding":
             self._framed = True
@@ -157,7 +171,10 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         assert self._parser is not None
         status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
+        if status < 100 or status == 101:
+            # Not a status, or a protocol switch this path never asks for (it sends no Upgrade).
+            raise httptools.HttpParserError(f"status {status}")
+        if 100 <= status < 200:
             self._interim = True  # 100 Continue and friends: the real answer follows
             self._framed = False
             return
@@ -195,7 +212,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.headers = []
-        self._head_size = 0
+        self._head_size = self._head_bytes = 0
         self._framed = False
         self._interim = False
         self.head_done = self.done = self.keep_alive = self.got_bytes = False
