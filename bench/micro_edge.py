@@ -120,7 +120,7 @@ def run(seconds: float) -> dict[str, Any]:
         "authenticate (bearer + verify, cache hit)": authenticate,
         "identity headers (HeaderPlan.build)": headers,
         "metrics (in-flight gauge + observe_request)": metric_hooks,
-        "access log (JsonAccessLogger.log + JsonFormatter)": access_log,
+        "access log (JsonAccessLogger.log, redacted, written)": access_log,
     }
     out = {name: best_us(fn, seconds) for name, fn in stages.items()}
     total = round(sum(out.values()), 2)

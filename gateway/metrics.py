@@ -20,18 +20,25 @@ from prometheus_client import multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway.errors import GatewayError, RefreshError, RefreshTokenReused
+from gateway.logs import emit
 
 audit_log = logging.getLogger("gateway.audit")
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _STATUS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 _LOGIN = {"login_success": "success", "login_failure": "failure", "login_rate_limited": "rate_limited"}
+#: Audit lines: compact, and any value JSON has no type for (a date, an enum) as its str().
+_AUDIT_JSON = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self._children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
+        self._latency_children: dict[str, Any] = {}
+        self._audit_children: dict[str, tuple[Any, ...]] = {}
+        self._audit_second = -1
+        self._audit_stamp = ""
         # In multiprocess mode values go to the shared directory, not to a registry.
         registry = None if self.multiprocess else CollectorRegistry()
         self.registry = registry
@@ -87,28 +94,41 @@ class Metrics:
         self.revocations_seen.inc(count)
 
     def store_call(self, op: str, seconds: float, failed: bool) -> None:
-        self.redis_latency.labels(op).observe(seconds)
+        latency = self._latency_children.get(op)
+        if latency is None:  # a handful of operations: looked up once each
+            latency = self._latency_children[op] = self.redis_latency.labels(op)
+        latency.observe(seconds)
         if failed:
             self.redis_errors.labels(op).inc()
 
+    def _event_counters(self, event: str) -> tuple[Any, ...]:
+        counters = [self.audit_events.labels(event)]
+        if event in _LOGIN:
+            counters.append(self.logins.labels(_LOGIN[event]))
+        elif event == "refresh":
+            counters.append(self.refreshes.labels("success"))
+        elif event == "refresh_token_reused":
+            counters += [self.reuse, self.refreshes.labels("reused")]
+        return tuple(counters)
+
     def audit(self, event: str, fields: Mapping[str, Any]) -> None:
         """One structured line per security event; never a token, password or cookie."""
-        self.audit_events.labels(event).inc()
-        if event in _LOGIN:
-            self.logins.labels(_LOGIN[event]).inc()
-        elif event == "refresh":
-            self.refreshes.labels("success").inc()
-        elif event == "refresh_token_reused":
-            self.reuse.inc()
-            self.refreshes.labels("reused").inc()
+        counters = self._audit_children.get(event)
+        if counters is None:  # a fixed set of event names
+            counters = self._audit_children[event] = self._event_counters(event)
+        for counter in counters:
+            counter.inc()
         if event in ("logout", "logout_all", "session_revoked_admin", "refresh_token_reused"):
             self.revocations.labels(str(fields.get("reason", event))).inc(
                 int(fields.get("count", 1))
             )
         if audit_log.isEnabledFor(logging.INFO):
-            line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event,
-                    **fields}
-            audit_log.info(json.dumps(line, separators=(",", ":"), default=str))
+            now = int(time.time())
+            if now != self._audit_second:  # strftime once per second, not per event
+                self._audit_second = now
+                self._audit_stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+            emit(audit_log, _AUDIT_JSON.encode({"time": self._audit_stamp, "event": event,
+                                                **fields}))
 
     def refused(self, error: GatewayError) -> None:
         """Refresh outcomes other than success and reuse (those two are audit events); the token
