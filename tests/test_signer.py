@@ -105,6 +105,27 @@ def test_sign_and_verify(alg: str, pems: Any, clock: FakeClock) -> None:
 
 
 @pytest.mark.parametrize("alg", [*ASYMMETRIC, "HS256"])
+def test_tokens_are_byte_for_byte_what_pyjwt_signs(alg: str, pems: Any, clock: FakeClock) -> None:
+    """The ring builds the compact JWS itself; it must be exactly jwt.encode's token (ES256
+    signatures are randomised: the same header and claims, and PyJWT accepts the signature)."""
+    keys = ring(alg, pems, clock)
+    claims = {"email": "\u00e5@x.test", "iss": "https://gw.test", "aud": "svc", "sub": "alice",
+              "iat": 1_700_000_000, "nbf": 1_700_000_000, "exp": 1_700_000_300, "jti": "j-1",
+              "sid": "sid-1", "roles": ["user", "admin"]}
+    mine = keys.sign(claims)
+    theirs = jwt.encode(dict(claims), keys.active.sign_with,  # type: ignore[arg-type]
+                        algorithm=alg, headers={"kid": keys.active.kid, "typ": "JWT"})
+    if alg == "ES256":
+        assert mine.rsplit(".", 1)[0] == theirs.rsplit(".", 1)[0]
+        decoded = jwt.decode(mine, keys.active.verify_with,  # type: ignore[arg-type]
+                             algorithms=["ES256"], audience="svc",
+                             options={"verify_exp": False, "verify_iat": False})
+        assert decoded == claims
+    else:
+        assert mine == theirs
+
+
+@pytest.mark.parametrize("alg", [*ASYMMETRIC, "HS256"])
 def test_rotation_keeps_old_tokens_verifying(alg: str, pems: Any, clock: FakeClock) -> None:
     before = ring(alg, pems, clock, key="old")
     old_token, _ = before.access_token(sub="alice", sid="s", roles=())

@@ -63,7 +63,7 @@ def mint(sid: str, generation: int, expires: int, session_end: int) -> RefreshTo
 
 
 def _tag(mac_key: bytes, body: bytes) -> bytes:
-    return hmac.new(mac_key, body, hashlib.sha256).digest()[:_TAG]
+    return hmac.digest(mac_key, body, "sha256")[:_TAG]
 
 
 def parse(token: str) -> PresentedToken | None:
@@ -109,7 +109,7 @@ def unseal(previous: RefreshToken, blob: bytes) -> RefreshToken | None:
 
 def _envelope_key(body: bytes) -> bytes:
     # Domain-separated from the stored SHA-256(body): what Redis holds never yields this key.
-    return hmac.new(body, b"gateway refresh grace envelope v1", hashlib.sha256).digest()
+    return hmac.digest(body, b"gateway refresh grace envelope v1", "sha256")
 
 
 def _b64(data: bytes) -> str:
