@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -11,6 +11,20 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 
 from gateway.config.model import RedisConfig
+from gateway.tokens.pipelined import PipelinedConnection
+
+
+class GatewayRedis(aioredis.Redis):
+    """redis.asyncio's client plus `lane`: one pipelined connection to the same server that the
+    session store sends its hot-path scripts over (None where that server is reached over TLS).
+    Closing the client closes the lane too."""
+
+    lane: PipelinedConnection | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        if self.lane is not None:
+            await self.lane.aclose()
+        await super().aclose(close_connection_pool)
 
 
 def _options(config: RedisConfig) -> dict[str, Any]:
@@ -52,4 +66,9 @@ def connect(config: RedisConfig) -> Any:
         opts = _options(config)
         opts.pop("health_check_interval")
         return RedisCluster.from_url(config.url, max_connections=config.pool_size, **opts)
-    return aioredis.Redis.from_url(config.url, max_connections=config.pool_size, **_options(config))
+    client = cast(GatewayRedis, GatewayRedis.from_url(config.url, max_connections=config.pool_size,
+                                                      **_options(config)))
+    client.lane = PipelinedConnection.for_pool(
+        client.connection_pool, timeout=config.timeout, connect_timeout=config.connect_timeout,
+        retries=config.retries)
+    return client
