@@ -35,9 +35,10 @@ AREAS = (
     ("aiohttp/client", "aiohttp client"),
     ("aiohttp/connector", "aiohttp client"),
     ("aiohttp/", "aiohttp server + shared"),
+    # Before asyncio/: redis-py's own redis/asyncio/*.py would otherwise count as the stdlib's.
+    ("redis/", "redis-py"),
     ("asyncio/", "asyncio (stdlib)"),
     ("uvloop/", "uvloop"),
-    ("redis/", "redis-py"),
 )
 
 

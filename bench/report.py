@@ -140,6 +140,19 @@ def _commands(rounds: dict[str, Any]) -> str:
     return ", ".join(f"{k}×{v / rounds['exchanges']:g}" for k, v in top.items()) or "none"
 
 
+def _background(rounds: dict[str, Any]) -> dict[str, int]:
+    # Older result files counted only PINGs as background.
+    if "background_commands" in rounds:
+        return dict(rounds["background_commands"])
+    return {"PING": rounds["background_pings"]} if rounds.get("background_pings") else {}
+
+
+def _clients(micro: dict[str, Any]) -> str:
+    names = sorted({micro[k].get("client", "aiohttp, Python") for k in ("refresh_1w", "refresh_2w")
+                    if k in micro})
+    return ", ".join(names) or "aiohttp, Python"
+
+
 def micro_tables(results: dict[str, Any]) -> list[str]:
     micro = results.get("micro", {})
     lines: list[str] = []
@@ -182,8 +195,9 @@ def micro_tables(results: dict[str, Any]) -> list[str]:
         lines += ["#### Refresh exchanges against a real Redis", "",
                   "| path | concurrent clients | exchanges/s | p50 ms | p99 ms | gateway cores "
                   "| exchanges per gateway CPU-s |", "|---|---:|---:|---:|---:|---:|---:|",
-                  *rows, "", "The HTTP clients (aiohttp, Python) run on the same two cores; the "
-                  "last column is the load-generator-independent capacity of one worker core.", ""]
+                  *rows, "", f"The load generator ({_clients(micro)}) runs on the same two "
+                  "cores; the last column is the load-generator-independent capacity of one "
+                  "worker core.", ""]
     rounds = micro.get("refresh_rounds")
     if rounds:
         lines += [f"Redis MONITOR over {rounds['exchanges']} sequential refreshes: "
@@ -191,6 +205,10 @@ def micro_tables(results: dict[str, Any]) -> list[str]:
                   f"({_commands(rounds)}); inside the script: "
                   + (", ".join(f"{k}×{v / rounds['exchanges']:g}"
                                for k, v in rounds.get("script_commands", {}).items()) or "none")
+                  + ". Background commands in the same window"
+                  + (f" ({rounds['monitor_seconds']:g} s)" if "monitor_seconds" in rounds else "")
+                  + " (sent on a timer whatever the traffic, so not counted per exchange): "
+                  + (", ".join(f"{k}×{v}" for k, v in _background(rounds).items()) or "none")
                   + ".", ""]
     login = micro.get("login_1w")
     if login:
