@@ -9,8 +9,11 @@ number of sessions grows.
           hash-max-listpack-value, 64 bytes by default: the User-Agent is stored in chunks).
   scale:  probe sessions created through the store, then filler sessions bulk-loaded by a Lua
           script writing the store's hash layout (same fields, same value sizes, checked against
-          a probe) and the user index, up to each level (1k, 100k, 1M); at each level the probes
-          are rotated back to back by one client and `SessionStore.rotate` p50/p99 is recorded.
+          a probe) and the user index, up to each level (1k, 100k, 1M), each level in its own
+          logical database of the same server (one keyspace each); then one client rotates each
+          level's probes back to back, the levels taking turns in 10 interleaved rounds so that
+          the machine's noise falls on every level alike, and `SessionStore.rotate` p50/p99 is
+          recorded per level.
 
   python bench/micro_redis.py --redis-url redis://127.0.0.1:PORT/0 --flush-ok [--quick]
 FLUSHALL wipes that Redis: --flush-ok says it is a throwaway server (the suite starts its own).
@@ -26,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -187,14 +191,13 @@ async def memory_per_session(redis: Any, n: int, ua: str, budget: float) -> dict
     }
 
 
-async def rotate_latency(store: SessionStore, probes: list[list[Any]], count: int,
-                         budget: float) -> dict[str, Any]:
+async def rotate_round(store: SessionStore, probes: list[list[Any]], count: int,
+                       samples: list[float], deadline: float) -> None:
     """One client, back to back over the probe sessions: latency without queueing."""
-    samples: list[float] = []
-    deadline = time.monotonic() + budget
     blob = os.urandom(85)
-    i = 0
-    while len(samples) < count and time.monotonic() < deadline:
+    for i in range(count):
+        if time.monotonic() >= deadline:
+            return
         probe = probes[i % len(probes)]
         sid, gen, digest = probe
         successor = os.urandom(32)
@@ -205,13 +208,10 @@ async def rotate_latency(store: SessionStore, probes: list[list[Any]], count: in
         if result.kind != "rotated":
             raise RuntimeError(f"rotate of a probe session returned {result.kind}")
         probe[1], probe[2] = gen + 1, successor
-        i += 1
-    return {"rotations": len(samples), **summary_ms(samples)}
 
 
-async def scale(redis: Any, levels: list[int], rotations: int, budget: float) -> dict[str, Any]:
-    await redis.flushall()
-    await redis.execute_command("MEMORY", "PURGE")
+async def load_level(redis: Any, level: int, budget: float) -> tuple[list[list[Any]], int, float]:
+    """200 probe sessions through the real store, then filler sessions up to `level`."""
     store = SessionStore(redis, PREFIX)
     now_ms = int(time.time() * 1000)
     probes: list[list[Any]] = []
@@ -222,27 +222,66 @@ async def scale(redis: Any, levels: list[int], rotations: int, budget: float) ->
                            rt.new_mac_key(), 100)
         probes.append([sid, 0, token.digest])
     bulk = redis.register_script(_BULK)
-    loaded, start, out = len(probes), time.monotonic(), []
-    for level in levels:
-        t0 = time.monotonic()
-        while loaded < level and time.monotonic() - start < budget:
-            n = min(20_000, level - loaded)
-            await bulk(args=[PREFIX, loaded, n, now_ms, now_ms + 14 * DAY_MS,
-                             now_ms + 30 * DAY_MS, 2, *_ua_fields(BROWSER_UA)])
-            if loaded == len(probes):
-                await _same_fields(redis, probes[0][0], f"F{loaded:021d}")
-            loaded += n
-        if loaded < level:
-            out.append({"level": level, "reached": loaded, "note": "load budget exhausted"})
-            break
-        load_seconds = time.monotonic() - t0
-        await asyncio.sleep(0.5)  # let the incremental rehash of the keyspace settle a little
-        latency = await rotate_latency(store, probes, rotations, budget=20)
-        out.append({"level": level, "sessions": loaded, "keys": int(await redis.dbsize()),
-                    "load_seconds": round(load_seconds, 2),
-                    "used_memory_mb": round(await used_memory(redis) / 2**20, 1), **latency})
-    await redis.flushall()
-    return {"levels": out}
+    loaded, t0 = len(probes), time.monotonic()
+    while loaded < level and time.monotonic() - t0 < budget:
+        n = min(20_000, level - loaded)
+        await bulk(args=[PREFIX, loaded, n, now_ms, now_ms + 14 * DAY_MS,
+                         now_ms + 30 * DAY_MS, 2, *_ua_fields(BROWSER_UA)])
+        if loaded == len(probes):
+            await _same_fields(redis, probes[0][0], f"F{loaded:021d}")
+        loaded += n
+    return probes, loaded, time.monotonic() - t0
+
+
+async def scale(redis_url: str, levels: list[int], rotations: int, rounds: int,
+                budget: float) -> dict[str, Any]:
+    """Each level lives in its own logical database of the same server (Redis keeps one keyspace
+    dict per database), and the levels are measured in interleaved rounds: a level measured
+    minutes after another would compare the machine's noise at two moments, not the levels."""
+    clients = [connect(RedisConfig(url=_with_db(redis_url, db), pool_size=4, timeout=30.0))
+               for db in range(len(levels))]
+    try:
+        await clients[0].flushall()
+        await clients[0].execute_command("MEMORY", "PURGE")
+        stores, probes, out = [], [], []
+        for level, redis in zip(levels, clients):
+            before = await used_memory(redis)
+            level_probes, loaded, load_seconds = await load_level(redis, level, budget)
+            if loaded < level:
+                out.append({"level": level, "reached": loaded, "note": "load budget exhausted"})
+                break
+            stores.append(SessionStore(redis, PREFIX))
+            probes.append(level_probes)
+            out.append({"level": level, "sessions": loaded, "keys": int(await redis.dbsize()),
+                        "load_seconds": round(load_seconds, 2),
+                        "used_memory_mb": round((await used_memory(redis) - before) / 2**20, 1)})
+        await asyncio.sleep(2.0)  # let the incremental rehash of the big keyspace finish
+        deadline = time.monotonic() + 60
+        for i, store in enumerate(stores):  # warm-up, not recorded: connections, script cache
+            await rotate_round(store, probes[i], 200, [], deadline)
+        samples: list[list[float]] = [[] for _ in stores]
+        round_p50: list[list[float]] = [[] for _ in stores]
+        for _ in range(rounds):
+            for i, store in enumerate(stores):
+                mark = len(samples[i])
+                await rotate_round(store, probes[i], rotations // rounds, samples[i], deadline)
+                if len(samples[i]) > mark:
+                    round_p50[i].append(summary_ms(samples[i][mark:])["p50_ms"])
+        for i in range(len(stores)):
+            out[i].update({"rotations": len(samples[i]), "rounds": len(round_p50[i]),
+                           **summary_ms(samples[i]),
+                           "round_p50_ms": [min(round_p50[i]), max(round_p50[i])]
+                           if round_p50[i] else None})
+        await clients[0].flushall()
+        return {"levels": out, "interleaved_rounds": rounds}
+    finally:
+        for c in clients:
+            await c.aclose()
+
+
+def _with_db(url: str, db: int) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
 
 
 async def run(redis_url: str, quick: bool) -> dict[str, Any]:
@@ -257,8 +296,8 @@ async def run(redis_url: str, quick: bool) -> dict[str, Any]:
             "redis_config": {_str(k): _str(v) for k, v in config.items()},
             "memory": [await memory_per_session(redis, n, BROWSER_UA, budget=120),
                        await memory_per_session(redis, n, SHORT_UA, budget=120)],
-            "scale": await scale(redis, levels, rotations=2_000 if quick else 10_000,
-                                 budget=150),
+            "scale": await scale(redis_url, levels, rotations=2_000 if quick else 10_000,
+                                 rounds=10, budget=150),
         }
     finally:
         await redis.flushall()

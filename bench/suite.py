@@ -242,18 +242,24 @@ http {{
 
     def measure(self, name: str, kind: str, port: int, token: str | None,
                 watch: dict[str, list[int]], **extra: Any) -> dict[str, Any]:
+        """One warm-up and one measured run of this target in this round; the target's entry
+        keeps every round's run and shows the median one."""
         url = f"http://127.0.0.1:{port}{PATH}"
-        self.log(f"{name}: warm-up {self.mode.warmup:g}s, "
-                 f"then {self.mode.duration:g}s x{self.repeat}")
+        self.log(f"{name}: warm-up {self.mode.warmup:g}s, then {self.mode.duration:g}s")
         self.wrk(url, self.mode.warmup, token, {})
-        runs = [self.wrk(url, self.mode.duration, token, watch) for _ in range(self.repeat)]
+        run = self.wrk(url, self.mode.duration, token, watch)
+        result = next((t for t in self.results["targets"] if t["name"] == name), None)
+        if result is None:
+            result = {"name": name, "kind": kind, "runs": []}
+            self.results["targets"].append(result)
+        result["runs"].append(run)
+        runs = result["runs"]
         best = sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]  # the median run
-        result = {"name": name, "kind": kind, **extra, **best}
-        if self.repeat > 1:
-            result["rps_runs"] = [r["rps"] for r in runs]
-        self.log(f"{name}: {best['rps']:.0f} req/s, p50 {best['p50_ms']:.2f} ms, "
-                 f"p99 {best['p99_ms']:.2f} ms, non-2xx {best['non_2xx']}")
-        self.results["targets"].append(result)
+        result.update({**extra, **best})
+        if len(runs) > 1:
+            result["rps_runs"] = [r["rps"] for r in runs]  # in round order
+        self.log(f"{name}: {run['rps']:.0f} req/s, p50 {run['p50_ms']:.2f} ms, "
+                 f"p99 {run['p99_ms']:.2f} ms, non-2xx {run['non_2xx']}")
         return result
 
     def base_watch(self) -> dict[str, list[int]]:
@@ -262,6 +268,16 @@ http {{
 
     # --- targets ----------------------------------------------------------------------------------
     def run_targets(self) -> None:
+        """Every target once per round, `--repeat` rounds: a ratio of two targets then compares
+        runs minutes apart at most, and the machine's drift falls on every target alike."""
+        for n in range(self.repeat):
+            if self.repeat > 1:
+                self.log(f"round {n + 1} of {self.repeat}")
+            self.run_round()
+        for t in self.results["targets"]:
+            del t["runs"]
+
+    def run_round(self) -> None:
         assert self.upstream is not None
         self.measure("upstream (nginx, direct)", "upstream", self.upstream_port, None,
                      {"target": self.upstream.tree()})
