@@ -4,6 +4,7 @@ fixed gateway config and users file every gateway target uses."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -129,13 +130,12 @@ class Procs:
 
     def start(self, name: str, cmd: Sequence[str], *, log: Path | None = None,
               env: dict[str, str] | None = None, cwd: Path | None = None) -> Proc:
-        out = open(log, "wb") if log else subprocess.DEVNULL
-        popen = subprocess.Popen(
-            list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
-        )
-        if log:
-            out.close()  # type: ignore[union-attr]
+        with open(log, "wb") if log else contextlib.nullcontext(subprocess.DEVNULL) as out:
+            # The child keeps its own copy of the descriptor; ours closes on leaving.
+            popen = subprocess.Popen(
+                list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
+            )
         proc = Proc(name, popen, log)
         self.items.append(proc)
         return proc

@@ -19,24 +19,24 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jwt  # noqa: E402
-from aiohttp import web  # noqa: E402
-from aiohttp.test_utils import make_mocked_request  # noqa: E402
-from multidict import CIMultiDict  # noqa: E402
+import jwt
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 
-from bench.benchlib import AUDIENCE, HS256_SECRET, ISSUER, write_json  # noqa: E402
-from gateway.clock import SystemClock  # noqa: E402
-from gateway.config.model import GatewayConfig  # noqa: E402
-from gateway.metrics import Metrics  # noqa: E402
-from gateway.middlewares import JsonAccessLogger, new_request_id  # noqa: E402
-from gateway.pipeline.authn import Authenticator  # noqa: E402
-from gateway.pipeline.forwarded import TrustedProxies  # noqa: E402
-from gateway.pipeline.identity import HeaderPlan  # noqa: E402
-from gateway.pipeline.revocations import RevocationList  # noqa: E402
-from gateway.pipeline.router import Router, normalise_path  # noqa: E402
-from gateway.request_state import IDENTITY, REQUEST_ID, ROUTE_NAME, UPSTREAM_DURATION  # noqa: E402
-from gateway.serve import JsonFormatter  # noqa: E402
-from gateway.tokens.signer import KeyRing  # noqa: E402
+from bench.benchlib import AUDIENCE, HS256_SECRET, ISSUER, write_json
+from gateway.clock import SystemClock
+from gateway.config.model import GatewayConfig
+from gateway.metrics import Metrics
+from gateway.middlewares import JsonAccessLogger, new_request_id
+from gateway.pipeline.authn import Authenticator
+from gateway.pipeline.forwarded import TrustedProxies
+from gateway.pipeline.identity import HeaderPlan
+from gateway.pipeline.revocations import RevocationList
+from gateway.pipeline.router import Router, normalise_path
+from gateway.request_state import IDENTITY, REQUEST_ID, ROUTE_NAME, UPSTREAM_DURATION
+from gateway.serve import JsonFormatter
+from gateway.tokens.signer import KeyRing
 
 
 def best_us(fn: Callable[[], object], seconds: float) -> float:

@@ -38,9 +38,9 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import aiohttp  # noqa: E402
+import aiohttp
 
-from bench.benchlib import BROWSER_UA, PASSWORD, cpu_seconds, summary_ms, write_json  # noqa: E402
+from bench.benchlib import BROWSER_UA, PASSWORD, cpu_seconds, summary_ms, write_json
 
 BENCH = Path(__file__).resolve().parent
 MAX_PER_CLIENT = 1_000_000
@@ -305,9 +305,9 @@ async def phase_rounds(url: str, user: str, redis_url: str, exchanges: int = 100
         # the script happen once, not per exchange.
         token = await _refresh_once(session, url, token)
         with tempfile.TemporaryFile() as out:
-            monitor = subprocess.Popen(
-                ["redis-cli", "-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 6379),
-                 "monitor"], stdout=out, stderr=subprocess.DEVNULL)
+            monitor = await asyncio.create_subprocess_exec(
+                "redis-cli", "-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 6379),
+                "monitor", stdout=out, stderr=subprocess.DEVNULL)
             try:
                 await asyncio.sleep(0.5)
                 started = time.monotonic()
@@ -317,7 +317,7 @@ async def phase_rounds(url: str, user: str, redis_url: str, exchanges: int = 100
                 window = time.monotonic() - started
             finally:
                 monitor.terminate()
-                monitor.wait(5)
+                await asyncio.wait_for(monitor.wait(), 5)
             out.seek(0)
             lines = out.read().decode(errors="replace").splitlines()
     top: Counter[str] = Counter()

@@ -33,11 +33,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.benchlib import BROWSER_UA, summary_ms, write_json  # noqa: E402
-from gateway.config.model import RedisConfig  # noqa: E402
-from gateway.tokens import refresh as rt  # noqa: E402
-from gateway.tokens.connection import connect  # noqa: E402
-from gateway.tokens.store import SessionRecord, SessionStore, _tag, _ua_fields  # noqa: E402
+from bench.benchlib import BROWSER_UA, summary_ms, write_json
+from gateway.config.model import RedisConfig
+from gateway.tokens import refresh as rt
+from gateway.tokens.connection import connect
+from gateway.tokens.store import SessionRecord, SessionStore, _tag, _ua_fields
 
 PREFIX = "gw:"
 SHORT_UA = "curl/8.5.0"

@@ -22,15 +22,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.benchlib import BROWSER_UA, HS256_SECRET, summary_ms, write_json  # noqa: E402
-from gateway.clock import SystemClock  # noqa: E402
-from gateway.config.model import GatewayConfig, RedisConfig  # noqa: E402
-from gateway.tokens import refresh as rt  # noqa: E402
-from gateway.tokens.connection import connect  # noqa: E402
-from gateway.tokens.service import ClientInfo, TokenService  # noqa: E402
-from gateway.tokens.signer import KeyRing  # noqa: E402
-from gateway.tokens.store import SessionStore  # noqa: E402
-from gateway.users import UserRecord  # noqa: E402
+from bench.benchlib import BROWSER_UA, HS256_SECRET, summary_ms, write_json
+from gateway.clock import SystemClock
+from gateway.config.model import GatewayConfig, RedisConfig
+from gateway.tokens import refresh as rt
+from gateway.tokens.connection import connect
+from gateway.tokens.service import ClientInfo, TokenService
+from gateway.tokens.signer import KeyRing
+from gateway.tokens.store import SessionStore
+from gateway.users import UserRecord
 
 PREFIX = "gwb-store:"
 MAX_PER_CLIENT = 1_000_000

@@ -16,14 +16,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jwt  # noqa: E402
+import jwt
 
-from bench.benchlib import AUDIENCE, HS256_SECRET, ISSUER, write_json  # noqa: E402
-from gateway.clock import SystemClock  # noqa: E402
-from gateway.config.model import Tokens  # noqa: E402
-from gateway.pipeline.authn import Authenticator  # noqa: E402
-from gateway.pipeline.revocations import RevocationList  # noqa: E402
-from gateway.tokens.signer import KeyRing  # noqa: E402
+from bench.benchlib import AUDIENCE, HS256_SECRET, ISSUER, write_json
+from gateway.clock import SystemClock
+from gateway.config.model import Tokens
+from gateway.pipeline.authn import Authenticator
+from gateway.pipeline.revocations import RevocationList
+from gateway.tokens.signer import KeyRing
 
 MAX_OPS = 2_000_000
 
@@ -51,27 +51,27 @@ def keyring(alg: str, clock: SystemClock) -> KeyRing:
     return KeyRing.from_config(Tokens.model_validate(raw), clock)
 
 
+def measure(alg: str, clock: SystemClock, seconds: float) -> dict[str, object]:
+    ring = keyring(alg, clock)
+    # Distinct tokens (distinct jti) so the miss loop never repeats one.
+    tokens = [ring.access_token(sub="alice", sid=f"sid{i:06d}", roles=("user",))[0]
+              for i in range(4096)]
+    hit = Authenticator(ring, RevocationList(clock), clock, cache_size=10_000)
+    miss = Authenticator(ring, RevocationList(clock), clock, cache_size=0)
+    key: Any = ring.active.verify_with
+    return {
+        "token_bytes": len(tokens[0]),
+        "cache_hit": rate(lambda i: hit.verify(tokens[0]), seconds),
+        "cache_miss": rate(lambda i: miss.verify(tokens[i % 4096]), seconds),
+        "keyring_verify": rate(lambda i: ring.verify(tokens[i % 4096]), seconds),
+        "pyjwt_decode": rate(lambda i: jwt.decode(
+            tokens[i % 4096], key, algorithms=[ring.active.alg], audience=AUDIENCE), seconds),
+    }
+
+
 def run(seconds: float) -> dict[str, object]:
     clock = SystemClock()
-    out: dict[str, object] = {}
-    for alg in ("HS256", "EdDSA"):
-        ring = keyring(alg, clock)
-        # Distinct tokens (distinct jti) so the miss loop never repeats one.
-        tokens = [ring.access_token(sub="alice", sid=f"sid{i:06d}", roles=("user",))[0]
-                  for i in range(4096)]
-        hit = Authenticator(ring, RevocationList(clock), clock, cache_size=10_000)
-        miss = Authenticator(ring, RevocationList(clock), clock, cache_size=0)
-        key: Any = ring.active.verify_with
-        res = {
-            "token_bytes": len(tokens[0]),
-            "cache_hit": rate(lambda i: hit.verify(tokens[0]), seconds),
-            "cache_miss": rate(lambda i: miss.verify(tokens[i % 4096]), seconds),
-            "keyring_verify": rate(lambda i: ring.verify(tokens[i % 4096]), seconds),
-            "pyjwt_decode": rate(lambda i: jwt.decode(
-                tokens[i % 4096], key, algorithms=[ring.active.alg], audience=AUDIENCE), seconds),
-        }
-        out[alg] = res
-    return out
+    return {alg: measure(alg, clock, seconds) for alg in ("HS256", "EdDSA")}
 
 
 def main() -> None:

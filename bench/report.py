@@ -41,10 +41,10 @@ def _heading(results: dict[str, Any]) -> list[str]:
     load = meta.get("load_average_start")
     load_text = f"{load[0]:.2f}" if load else "?"
     lines = [f"### {title}", "",
-             f"{meta.get('started', '?')}, commit `{meta.get('commit', '?')}`, "
+             (f"{meta.get('started', '?')}, commit `{meta.get('commit', '?')}`, "
              f"{meta.get('cpus', '?')} × {meta.get('cpu_model', '?')} (shared by wrk, the "
              f"upstream, Redis and the target), load average at start {load_text}. "
-             f"`{meta.get('wrk', '')}`."]
+             f"`{meta.get('wrk', '')}`.")]
     if results.get("error"):
         lines += ["", f"**The run stopped early: {results['error']}** (partial results below)."]
     return lines
@@ -52,9 +52,9 @@ def _heading(results: dict[str, Any]) -> list[str]:
 
 def targets_table(results: dict[str, Any]) -> list[str]:
     floor, nginx = _kind(results, "floor"), _kind(results, "nginx")
-    rows = ["| target | req/s | p50 ms | p99 ms | × floor | × nginx proxy | CPU target | "
+    rows = [("| target | req/s | p50 ms | p99 ms | × floor | × nginx proxy | CPU target | "
             "target CPU µs/req | CPU upstream | CPU wrk | CPU redis | non-2xx / socket err | "
-            "RSS/worker MB |",
+            "RSS/worker MB |"),
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in results.get("targets", []):
         cores = t.get("cpu_cores", {})
@@ -68,12 +68,12 @@ def targets_table(results: dict[str, Any]) -> list[str]:
             f"{_f(cores.get('upstream'), 2)} | {_f(cores.get('wrk'), 2)} | "
             f"{_f(cores.get('redis'), 2)} | {t['non_2xx']} / {t['socket_errors']} | "
             f"{', '.join(_f(r) for r in rss) if rss else '–'} |")
-    rows += ["", "CPU columns are cores used on average during the measured run (utime+stime from "
+    rows += ["", ("CPU columns are cores used on average during the measured run (utime+stime from "
              "/proc, all processes of the target including a supervisor's workers; wrk's from "
              "its rusage); target CPU µs/req is the target's CPU time divided by the requests it "
              "answered, the figure least disturbed by other load on the machine. × columns "
              "divide this row's req/s by the floor proxy's and by nginx proxy_pass's in the "
-             "same run."]
+             "same run.")]
     return rows
 
 
@@ -171,8 +171,8 @@ def micro_tables(results: dict[str, Any]) -> list[str]:
     verify = micro.get("verify")
     if verify:
         lines += ["#### Access-token verification (one core, in-process)", "",
-                  "| algorithm | token bytes | cache hit | cache miss (Authenticator) | "
-                  "KeyRing.verify | bare jwt.decode |", "|---|---:|---:|---:|---:|---:|"]
+                  ("| algorithm | token bytes | cache hit | cache miss (Authenticator) | "
+                  "KeyRing.verify | bare jwt.decode |"), "|---|---:|---:|---:|---:|---:|"]
         for alg, v in verify.items():
             lines.append(f"| {alg} | {v['token_bytes']} | "
                          + " | ".join(f"{v[k]['us_per_op']:.2f} µs ({v[k]['ops_per_s']:,}/s)"
@@ -185,14 +185,14 @@ def micro_tables(results: dict[str, Any]) -> list[str]:
                   "| stage | µs per request |", "|---|---:|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in edge["stages_us"].items()]
         lines += [f"| **all of the above** | **{edge['gateway_stages_total_us']:.2f}** |",
-                  f"| *for comparison: the floor's `jwt.decode` (HS256), every request* | "
-                  f"*{edge['floor_jwt_decode_us']:.2f}* |", ""]
+                  (f"| *for comparison: the floor's `jwt.decode` (HS256), every request* | "
+                  f"*{edge['floor_jwt_decode_us']:.2f}* |"), ""]
     store = micro.get("store")
     rows = []
     if store:
         for key, label in (("store_rotate", "SessionStore.rotate (in-process client)"),
-                           ("service_refresh", f"TokenService.refresh, {store['algorithm']} "
-                                               "(in-process)")):
+                           ("service_refresh", (f"TokenService.refresh, {store['algorithm']} "
+                                               "(in-process)"))):
             r = store[key]
             rows.append(f"| {label} | {r['clients']} | {r['exchanges_per_s']:,} | "
                         f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | – | – |")
@@ -205,11 +205,11 @@ def micro_tables(results: dict[str, Any]) -> list[str]:
                         f"{_f(r.get('per_gateway_cpu_s'))} |")
     if rows:
         lines += ["#### Refresh exchanges against a real Redis", "",
-                  "| path | concurrent clients | exchanges/s | p50 ms | p99 ms | gateway cores "
-                  "| exchanges per gateway CPU-s |", "|---|---:|---:|---:|---:|---:|---:|",
-                  *rows, "", f"The load generator ({_clients(micro)}) runs on the same two "
+                  ("| path | concurrent clients | exchanges/s | p50 ms | p99 ms | gateway cores "
+                  "| exchanges per gateway CPU-s |"), "|---|---:|---:|---:|---:|---:|---:|",
+                  *rows, "", (f"The load generator ({_clients(micro)}) runs on the same two "
                   "cores; the last column is the load-generator-independent capacity of one "
-                  "worker core.", ""]
+                  "worker core."), ""]
     rounds = micro.get("refresh_rounds")
     if rounds:
         lines += [f"Redis MONITOR over {rounds['exchanges']} sequential refreshes: "
@@ -226,18 +226,18 @@ def micro_tables(results: dict[str, Any]) -> list[str]:
     if login:
         a = login["argon2"]
         lines += ["#### Logins", "",
-                  f"POST /auth/login, 1 worker, {login['clients']} concurrent clients: "
+                  (f"POST /auth/login, 1 worker, {login['clients']} concurrent clients: "
                   f"**{login['per_s']:.1f} logins/s**, p50 {login['p50_ms']:.0f} ms, p99 "
                   f"{login['p99_ms']:.0f} ms, gateway {_f(login.get('gateway_cores'), 2)} cores. "
                   f"argon2 parameters (read from the users file's hasher): {a['type']}, "
                   f"t={a['time_cost']}, m={a['memory_cost_kib'] // 1024} MiB, "
                   f"p={a['parallelism']}, hash {a['hash_len']} B, salt {a['salt_len']} B; one "
-                  f"verify takes {a['verify_ms_one_thread']} ms with no other login running.", ""]
+                  f"verify takes {a['verify_ms_one_thread']} ms with no other login running."), ""]
     redis = micro.get("redis", {})
     if redis.get("memory"):
         lines += ["#### Redis memory per session", "",
-                  "| sessions (users) | User-Agent | used_memory delta | bytes/session | "
-                  "session hash | MEMORY USAGE hash | user index |",
+                  ("| sessions (users) | User-Agent | used_memory delta | bytes/session | "
+                  "session hash | MEMORY USAGE hash | user index |"),
                   "|---|---|---:|---:|---|---:|---|"]
         for m in redis["memory"]:
             lines.append(
@@ -255,8 +255,8 @@ def micro_tables(results: dict[str, Any]) -> list[str]:
                   (f"Each level in its own database of one Redis, measured in {rounds} "
                    "interleaved rounds (the levels take turns), so the noise of the machine "
                    "falls on every level alike." if rounds else ""), "",
-                  "| sessions | keys | used memory | load time | rotations | p50 ms | p99 ms | "
-                  "p50 of one round, min–max |",
+                  ("| sessions | keys | used memory | load time | rotations | p50 ms | p99 ms | "
+                  "p50 of one round, min–max |"),
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for lv in levels:
             if "p50_ms" not in lv:
@@ -278,9 +278,9 @@ def profile_lines(results: dict[str, Any]) -> list[str]:
         if "skipped" in prof:
             lines += [f"Skipped: {prof['skipped']}", ""]
             continue
-        lines += [f"py-spy, {prof['rate_hz']} Hz for {prof['seconds']:g} s, `{prof['target']}`; "
+        lines += [(f"py-spy, {prof['rate_hz']} Hz for {prof['seconds']:g} s, `{prof['target']}`; "
                   f"{prof['samples']:,} samples (idle excluded; a thread that is runnable but "
-                  "waiting for a core still counts).", "",
+                  "waiting for a core still counts)."), "",
                   "| share | area (leaf frame) |", "|---:|---|"]
         lines += [f"| {p:.1f}% | {k} |" for k, p in prof["areas"][:12]]
         lines += ["", "| self | function (file:line) |", "|---:|---|"]

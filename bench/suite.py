@@ -30,8 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import report  # noqa: E402
-from bench.benchlib import (  # noqa: E402
+from bench import report
+from bench.benchlib import (
     AUDIENCE,
     BENCH,
     HS256_SECRET,
@@ -48,7 +48,7 @@ from bench.benchlib import (  # noqa: E402
     wait_port,
     write_users,
 )
-from bench.profile_summary import as_text, summarise  # noqa: E402
+from bench.profile_summary import as_text, summarise
 
 WRK_THREADS, WRK_CONNECTIONS = 2, 50
 PATH = "/api/bench"
@@ -222,7 +222,7 @@ http {{
         if usage is not None:
             cpu["wrk"] = round(usage.ru_utime + usage.ru_stime, 2)
         text = out_path.read_text(errors="replace")
-        m = re.search(r"^BENCH_JSON (\{.*\})$", text, re.M)
+        m = re.search(r"^BENCH_JSON (\{.*\})$", text, re.MULTILINE)
         if status != 0 or m is None:
             raise RuntimeError(f"wrk failed ({status}):\n{text[-2000:]}")
         raw = json.loads(m.group(1))
@@ -515,7 +515,7 @@ def _count_lines(path: Path) -> int:
 
 def _version(cmd: list[str]) -> str:
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "?"
     return (r.stdout + r.stderr).strip().splitlines()[0] if (r.stdout + r.stderr).strip() else "?"
@@ -530,7 +530,7 @@ def environment(mode: Mode, repeat: int) -> dict[str, Any]:
 
     commit = _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "gateway"],
-                                capture_output=True, text=True).stdout.strip())
+                                capture_output=True, text=True, check=False).stdout.strip())
     cpu_model = "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

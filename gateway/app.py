@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -123,7 +124,7 @@ def build_runtime(config: GatewayConfig, shared: Shared, keyring: KeyRing | None
         own[config.metrics.path] = {"GET": shared.metrics.handler}
     for route in api.routes():
         if "{" not in route.path:
-            own.setdefault(route.path, {})[route.method] = route.handler  # type: ignore[assignment]
+            own.setdefault(route.path, {})[route.method] = route.handler
     if browser is not None:
         for path, methods in browser.routes().items():
             own.setdefault(path, {}).update(methods)
@@ -191,10 +192,9 @@ async def _revocation_feed(app: web.Application) -> None:
 async def _resync(shared: Shared) -> None:
     while True:
         await asyncio.sleep(_RESYNC_EVERY)
-        try:
+        # The feed loop reports and retries Redis failures; this re-read only fills gaps.
+        with contextlib.suppress(Exception):
             await _load_revoked(shared)
-        except Exception:  # noqa: BLE001 - the feed loop reports and retries Redis failures
-            pass
 
 
 async def _stop(task: asyncio.Future[None]) -> None:

@@ -97,8 +97,8 @@ def run_demo(config_path: str) -> int:
             "gateway": base, "upstream": str(upstream), "user": "demo",
             "password": "demo-password",
             "try": [f"curl {base}/public/hello",
-                    f"curl -s -X POST {base}/auth/login -H 'Content-Type: application/json' "
-                    "-d '{\"username\":\"demo\",\"password\":\"demo-password\"}'",
+                    (f"curl -s -X POST {base}/auth/login -H 'Content-Type: application/json' "
+                    "-d '{\"username\":\"demo\",\"password\":\"demo-password\"}'"),
                     f"open {base}/app in a browser"],
         }}, indent=2), flush=True)
         try:

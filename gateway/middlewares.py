@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from json.encoder import encode_basestring_ascii
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web, web_protocol, web_server
 from aiohttp.abc import AbstractAccessLogger
@@ -33,6 +33,9 @@ log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+if TYPE_CHECKING:
+    from aiohttp.typedefs import Middleware
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -77,7 +80,7 @@ def new_request_id(supplied: str | None) -> str:
 
 def make_middleware(
     realm: str, metrics: Metrics
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+) -> Middleware:
     @web.middleware
     async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id = new_request_id(request.headers.get("X-Request-Id"))
@@ -172,7 +175,7 @@ class JsonAccessLogger(AbstractAccessLogger):
         return True
 
 
-class _JsonErrorRequestHandler(web_protocol.RequestHandler):  # type: ignore[misc]
+class _JsonErrorRequestHandler(web_protocol.RequestHandler):
     """The HTTP/1.1 connection handler, with two additions.
 
     Errors aiohttp raises before any handler runs (bad request line, oversized headers) get the
@@ -246,10 +249,10 @@ class GatewayRunner(web.AppRunner):
 
     def __init__(self, app: web.Application, *, header_timeout: float = 10.0, **kwargs: Any):
         super().__init__(app, **kwargs)
-        handler = type("RequestHandler", (_JsonErrorRequestHandler,),
-                       {"header_timeout": header_timeout})
+        handler: type[_JsonErrorRequestHandler] = type(
+            "RequestHandler", (_JsonErrorRequestHandler,), {"header_timeout": header_timeout})
 
-        class Server(web_server.Server):  # type: ignore[misc]
+        class Server(web_server.Server):
             def __call__(self) -> web_protocol.RequestHandler:
                 return handler(self, loop=self._loop, **self._kwargs)
 

@@ -14,6 +14,9 @@ import redis.asyncio as aioredis
 from tests.support.redis_server import RedisServer, start_redis
 from tests.support.upstream import Upstream
 
+# The real-process fixture (`process_gateway`) for every module that starts `gateway serve`.
+pytest_plugins = ("tests.support.processes",)
+
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "correct horse battery"
 

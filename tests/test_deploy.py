@@ -77,7 +77,7 @@ def gateway_check(path: Path,
                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", "check", "-c", str(path)], capture_output=True,
-        text=True, timeout=60, cwd=REPO,
+        text=True, timeout=60, cwd=REPO, check=False,
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
     )
 
@@ -257,9 +257,11 @@ def test_configmap_config_serves_its_probes_and_the_image_healthcheck_works(
 
         argv = _healthcheck_argv()
         env = {**os.environ, "GATEWAY_PORT": str(gw.port)}
-        assert subprocess.run(argv, env=env, capture_output=True, timeout=10).returncode == 0
+        assert subprocess.run(argv, env=env, capture_output=True, timeout=10,
+                              check=False).returncode == 0
         gw.stop()
-        assert subprocess.run(argv, env=env, capture_output=True, timeout=10).returncode != 0
+        assert subprocess.run(argv, env=env, capture_output=True, timeout=10,
+                              check=False).returncode != 0
     finally:
         if gw is not None:
             gw.stop()

@@ -107,7 +107,7 @@ async def test_key_confusion_hs256_signed_with_public_key_is_refused(
 async def test_tampered_payload_roles_changed_to_admin_is_refused(gateway, upstream):
     client = await gateway()
     token = craft(client, roles=["user"])
-    header, payload, signature = split(token)
+    _header, payload, signature = split(token)
     payload["roles"] = ["user", "admin"]
     forged = f"{token.split('.')[0]}.{b64json(payload)}.{signature}"
     r = await client.get("/admin/x", headers=bearer(forged))
@@ -134,7 +134,7 @@ async def test_tampered_header_is_refused(gateway, upstream):
 async def test_stripped_or_swapped_signature_is_refused(gateway, upstream, shape):
     client = await gateway()
     token = craft(client, roles=["admin"])
-    h, p, s = token.split(".")
+    h, p, _s = token.split(".")
     other = craft(client, roles=["user"]).split(".")[2]
     forged = {
         "empty-signature": f"{h}.{p}.",

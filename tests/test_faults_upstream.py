@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from tests.support.ports import free_port
-from tests.support.processes import process_gateway, wait_for  # noqa: F401 - fixture
+from tests.support.processes import wait_for
 from tests.support.raw_http import complete, parse_response, raw_exchange
 
 #: Route timeout for the slow upstream; its handler sleeps much longer.

@@ -16,13 +16,12 @@ import aiohttp
 import pytest
 
 from tests.support.gateway_process import GatewayProcess
-from tests.support.processes import (  # noqa: F401 - process_gateway is a fixture
-    wait_refusing,
+from tests.support.processes import (
     children,
     connection_owners,
     log_records,
-    process_gateway,
     wait_for,
+    wait_refusing,
 )
 from tests.support.raw_http import raw_request
 from tests.support.redis_server import start_redis
@@ -37,14 +36,13 @@ def route(name: str, path: str, url: str) -> str:
 
 
 async def get(url: str, **kwargs: Any) -> tuple[int, Any, dict[str, str]]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(url, **kwargs) as r:
-            body = await r.read()
-            try:
-                parsed: Any = json.loads(body)
-            except ValueError:
-                parsed = body
-            return r.status, parsed, dict(r.headers)
+    async with aiohttp.ClientSession() as session, session.get(url, **kwargs) as r:
+        body = await r.read()
+        try:
+            parsed: Any = json.loads(body)
+        except ValueError:
+            parsed = body
+        return r.status, parsed, dict(r.headers)
 
 
 async def wait_exit(gw: GatewayProcess, timeout: float = 20.0) -> int:
@@ -187,7 +185,7 @@ async def test_invalid_reload_is_rejected_with_located_errors(process_gateway, m
                if r.get("message", "").startswith("reload rejected"))
     # Still serving the old config, from the same process.
     assert gw.proc is not None and gw.proc.poll() is None
-    status, body, _ = await get(f"{gw.url}/public/still")
+    status, _body, _ = await get(f"{gw.url}/public/still")
     assert status == 200 and upstream.last.raw_path == "/public/still"
     assert (await get(f"{gw.url}/other"))[0] == 404
 
@@ -304,8 +302,8 @@ PROTOCOL_ERRORS = [
     (b"GET / HTTP/1.1\r\nHost: gw\r\nBad Header: y\r\n\r\n", 400, "invalid_request"),
     (b"POST /public/x HTTP/1.1\r\nHost: gw\r\nContent-Length: abc\r\n\r\n", 400,
      "invalid_request"),
-    (b"POST /public/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nTransfer-Encoding: chunked"
-     b"\r\n\r\n0\r\n\r\n", 400, "invalid_request"),
+    ((b"POST /public/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nTransfer-Encoding: chunked"
+     b"\r\n\r\n0\r\n\r\n"), 400, "invalid_request"),
     (b"POST /public/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n", 400,
      "invalid_request"),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, "invalid_request"),

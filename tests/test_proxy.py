@@ -500,8 +500,8 @@ HOSTILE: list[bytes] = [
     b"GET /public/x HTTP/1.1\r\nHost: gw\r\nConnection: Keep-Alive, , close\r\n",
     b"GET /public/x HTTP/1.1\r\nHost: gw\r\nContent-Length: abc\r\n",
     b"GET /public/x HTTP/1.1\r\nHost: gw\r\nContent-Length: -1\r\n",
-    b"POST /public/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n"
-    b"\r\n0\r\n",
+    (b"POST /public/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n"
+    b"\r\n0\r\n"),
     b"POST /public/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     b"POST /public/x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip\r\n",
     b"GET /public/x HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
@@ -512,8 +512,8 @@ HOSTILE: list[bytes] = [
     b"GET /api/x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer a.b.c\r\n",
     b"GET /api/x HTTP/1.1\r\nHost: gw\r\nAuthorization: Basic Og==\r\n",
     b"GET /auth/me HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer \xff\r\n",
-    b"POST /auth/login HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-    b"Content-Length: 5\r\n\r\n{{{{{",
+    (b"POST /auth/login HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 5\r\n\r\n{{{{{"),
     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
     b"GET /public/x HTTP/2.0\r\nHost: gw\r\n",
     b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
@@ -544,7 +544,7 @@ async def _exchange_tolerant(port: int, data: bytes) -> bytes:
         await writer.drain()
         try:
             return await asyncio.wait_for(reader.read(65536), 3)
-        except (ConnectionResetError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionResetError):
             return b""
     finally:
         writer.close()

@@ -11,8 +11,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.support.processes import (  # noqa: F401 - process_gateway is a fixture
-    process_gateway,
+from tests.support.processes import (
     refuses_connections,
     wait_refusing,
 )

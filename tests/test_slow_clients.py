@@ -12,7 +12,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.processes import process_gateway  # noqa: F401 - fixture
 from tests.support.raw_http import complete, parse_response
 
 TIMEOUTS = "listen: {host: 127.0.0.1, port: {port}, header_timeout: 1s, body_timeout: 1s}\n"
@@ -35,10 +34,10 @@ async def _read_all(reader: asyncio.StreamReader, timeout: float = 10.0) -> byte
 
 
 async def _normal(url: str) -> int:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        async with session.get(url) as r:
-            await r.read()
-            return r.status
+    async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                session.get(url) as r):
+        await r.read()
+        return r.status
 
 
 def _assert_408(raw: bytes) -> None:
@@ -101,10 +100,10 @@ async def test_slow_but_steady_body_passes(gw, upstream):
             yield b"c" * 10
             await asyncio.sleep(0.4)
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        async with session.post(f"{gw.url}/public/steady", data=body()) as r:
-            assert r.status == 200
-            assert (await r.json())["body_size"] == 50
+    async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+                session.post(f"{gw.url}/public/steady", data=body()) as r):
+        assert r.status == 200
+        assert (await r.json())["body_size"] == 50
 
 
 async def test_idle_keepalive_connections_do_not_lock_out_new_clients(gw):

@@ -12,7 +12,6 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
-from tests.support.processes import process_gateway  # noqa: F401 - fixture
 from tests.support.raw_http import AppServer
 
 MiB = 1024 * 1024
@@ -64,10 +63,10 @@ async def test_100mb_upload_streams_with_bounded_memory(process_gateway, make_ya
             for _ in range(TOTAL // MiB):
                 yield chunk
 
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"{gw.url}/public/upload", data=body()) as r:
-                assert r.status == 200, await r.text()
-                assert (await r.json())["bytes"] == TOTAL
+        async with (aiohttp.ClientSession() as session,
+                    session.post(f"{gw.url}/public/upload", data=body()) as r):
+            assert r.status == 200, await r.text()
+            assert (await r.json())["bytes"] == TOTAL
         assert received["bytes"] == TOTAL
         peak = peak_rss(gw.proc.pid)  # type: ignore[union-attr]
         assert peak < RSS_BOUND, f"gateway peak RSS {peak / MiB:.0f} MiB"
@@ -93,14 +92,14 @@ async def test_100mb_download_streams_with_bounded_memory(process_gateway, make_
         gw = await process_gateway(make_yaml(up.url, routes=public(up.url)))
         reset_peak_rss(gw.proc.pid)  # type: ignore[union-attr]
         got = 0
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{gw.url}/public/download") as r:
-                assert r.status == 200
-                assert r.headers["Content-Length"] == str(TOTAL)
-                got += len(await r.content.readany())
-                await asyncio.sleep(STALL)
-                async for data in r.content.iter_any():
-                    got += len(data)
+        async with (aiohttp.ClientSession() as session,
+                    session.get(f"{gw.url}/public/download") as r):
+            assert r.status == 200
+            assert r.headers["Content-Length"] == str(TOTAL)
+            got += len(await r.content.readany())
+            await asyncio.sleep(STALL)
+            async for data in r.content.iter_any():
+                got += len(data)
         assert got == TOTAL
         peak = peak_rss(gw.proc.pid)  # type: ignore[union-attr]
         assert peak < RSS_BOUND, f"gateway peak RSS {peak / MiB:.0f} MiB"

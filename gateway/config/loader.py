@@ -18,8 +18,8 @@ Loc = tuple[str | int, ...]
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # File-valued keys, resolved relative to the config file's directory.
-_FILE_KEYS: tuple[Loc, ...] = (("users", "file"), ("tokens", "signing_key_file"))
-_FILE_LIST_KEYS: tuple[Loc, ...] = (("tokens", "verify_key_files"),)
+_FILE_KEYS: tuple[tuple[str, str], ...] = (("users", "file"), ("tokens", "signing_key_file"))
+_FILE_LIST_KEYS: tuple[tuple[str, str], ...] = (("tokens", "verify_key_files"),)
 #: More values than any real config has: aliases of aliases can expand a few lines into billions.
 _MAX_VALUES = 100_000
 
@@ -174,7 +174,7 @@ def _to_python(
         ]
     assert isinstance(node, yaml.ScalarNode)
     try:
-        value = yaml.SafeLoader("").construct_object(node)  # type: ignore[no-untyped-call]
+        value = yaml.SafeLoader("").construct_object(node)
     except (yaml.YAMLError, ValueError, TypeError, OverflowError) as e:
         # An unknown tag (`!x`) or a tagged value that is not of its type (`!!int a`).
         reason = getattr(e, "problem", None) or str(e)
@@ -243,13 +243,17 @@ def _fields_at(loc: Loc) -> list[str]:
     for part in loc:
         if isinstance(part, int):
             continue
-        info = model.model_fields.get(part) if isinstance(model, type) else None
+        info = model.model_fields.get(part) if _is_model(model) else None
         if info is None:
             return []
         model = _model_of(info.annotation)
         if model is None:
             return []
-    return sorted(model.model_fields) if isinstance(model, type) else []
+    return sorted(model.model_fields) if _is_model(model) else []
+
+
+def _is_model(model: object) -> bool:
+    return isinstance(model, type) and issubclass(model, BaseModel)
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:

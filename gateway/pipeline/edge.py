@@ -91,11 +91,10 @@ class Edge:
                 if redirect is not None:
                     return redirect
             raise
-        if identity is not None:
-            if route.check_session and self.session_active is not None:
-                if not await self.session_active(identity.sid):
-                    request[AUTH_FAILURE] = TokenRevoked.code
-                    raise TokenRevoked()
+        if (identity is not None and route.check_session and self.session_active is not None
+                and not await self.session_active(identity.sid)):
+            request[AUTH_FAILURE] = TokenRevoked.code
+            raise TokenRevoked()
         headers = self.plan.build(
             request.headers, route, identity, peer=request.remote, scheme=request.scheme,
             request_id=request[REQUEST_ID],

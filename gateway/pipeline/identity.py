@@ -39,8 +39,8 @@ class HeaderPlan:
         self._gateway_cookies = frozenset(gateway_cookies)
         # A gateway cookie name wherever a cookie parser may start a name, not only at the start
         # of a `;` part: aiohttp reads `a=1 gw_access=x` and `a=1, gw_access=x` as two cookies.
-        names = "|".join(re.escape(n) for n in sorted(gateway_cookies))
-        self._gateway_cookie = re.compile(rf'(?:^|[\s",=])(?:{names})(?=[\s=]|$)')
+        alternatives = "|".join(re.escape(n) for n in sorted(gateway_cookies))
+        self._gateway_cookie = re.compile(rf'(?:^|[\s",=])(?:{alternatives})(?=[\s=]|$)')
         self._trusted = trusted
         self._verdicts: dict[str, bool] = {}
 
@@ -83,9 +83,9 @@ class HeaderPlan:
             out[self._roles] = ",".join(identity.roles)
             out[self._sid] = identity.sid
             for claim, header in self._claims:
-                value = identity.extra.get(claim)
-                if value is not None:
-                    out[header] = _header_value(value)
+                claimed = identity.extra.get(claim)
+                if claimed is not None:
+                    out[header] = _header_value(claimed)
             if identity_token is not None:
                 out[self._token_header] = identity_token
         return out

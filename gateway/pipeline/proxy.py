@@ -229,7 +229,7 @@ class Proxy:
             )
         except aiohttp.WSServerHandshakeError as e:
             raise BadGateway(f"The upstream refused the WebSocket upgrade ({e.status}).") from e
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise BadGateway(_describe(e)) from e
         client = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False,

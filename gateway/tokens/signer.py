@@ -18,7 +18,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,11 +31,14 @@ from gateway.config.model import Tokens
 from gateway.errors import InvalidToken, TokenExpired
 from gateway.tokens.claims import Identity
 
+if TYPE_CHECKING:
+    from jwt.types import Options
+
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 _REQUIRED = ("iss", "aud", "sub", "iat", "exp", "jti", "sid")
-_DECODE_OPTIONS: dict[str, Any] = {
+_DECODE_OPTIONS: Options = {
     # Time claims are checked below against the injected clock, with the configured leeway.
     "verify_exp": False,
     "verify_nbf": False,
@@ -93,10 +96,11 @@ def _signature_function(key: Key) -> Callable[[bytes], bytes] | None:
     return None
 
 
-def _public_jwk(alg: str, public: PublicKey) -> dict[str, str]:
-    if alg == "EdDSA":
+def _public_jwk(public: PublicKey) -> dict[str, str]:
+    # The key's type was checked against its algorithm when it was loaded.
+    if isinstance(public, ed25519.Ed25519PublicKey):
         jwk = json.loads(OKPAlgorithm.to_jwk(public))
-    elif alg == "ES256":
+    elif isinstance(public, ec.EllipticCurvePublicKey):
         jwk = json.loads(ECAlgorithm.to_jwk(public))
     else:
         jwk = json.loads(RSAAlgorithm.to_jwk(public))
@@ -131,7 +135,7 @@ def asymmetric_key(alg: str, pem: bytes, source: str, *, for_signing: bool) -> K
         private = None
     if private is not None:
         _check_type(alg, private, source)
-        public: PublicKey = private.public_key()  # type: ignore[assignment]
+        public: PublicKey = private.public_key()
     elif for_signing:
         raise KeyFileError(f"{source}: not an unencrypted PEM private key")
     else:
@@ -140,7 +144,7 @@ def asymmetric_key(alg: str, pem: bytes, source: str, *, for_signing: bool) -> K
         except (ValueError, TypeError):
             raise KeyFileError(f"{source}: not a PEM public or private key") from None
         _check_type(alg, public, source)
-    jwk = _public_jwk(alg, public)
+    jwk = _public_jwk(public)
     kid = thumbprint(jwk)
     published = MappingProxyType({**jwk, "kid": kid, "alg": alg, "use": "sig"})
     return Key(kid, alg, private if for_signing else None, public, published)
@@ -260,7 +264,7 @@ class KeyRing:
             raise InvalidToken("The access token's algorithm does not match its key.")
         try:
             claims = jwt.decode(
-                token, key.verify_with, algorithms=[key.alg],  # type: ignore[arg-type]
+                token, key.verify_with, algorithms=[key.alg],
                 audience=self.config.audience, issuer=self.config.issuer, options=_DECODE_OPTIONS,
             )
         except jwt.InvalidAudienceError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import importlib.resources
 import time
@@ -267,7 +268,9 @@ class SessionStore:
     def _record(sid: str, raw: dict[bytes, bytes]) -> SessionRecord | None:
         if not raw or b"sub" not in raw:
             return None
-        num = lambda k: int(raw.get(k, b"0"))  # noqa: E731
+        def num(k: bytes) -> int:
+            return int(raw.get(k, b"0"))
+
         return SessionRecord(
             sid=sid, sub=_s(raw[b"sub"]), roles=_roles(raw.get(b"r")), extra=_s(raw.get(b"e")),
             created_ms=num(b"c"), last_used_ms=num(b"u"), expires_ms=num(b"x"),
@@ -331,10 +334,8 @@ class SessionStore:
                         batch.append((sid, int(until)))
                 yield batch
         finally:
-            try:
+            with contextlib.suppress(Exception):  # a broken connection cannot close cleanly
                 await pubsub.aclose()
-            except Exception:  # noqa: BLE001 - a broken connection cannot be closed cleanly
-                pass
 
     # --- rate limits -----------------------------------------------------------------------
     async def hit(self, kind: str, subject: str, window_ms: int, increment: int = 1) -> tuple[int, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from types import MappingProxyType
 
 import aiohttp
@@ -30,7 +29,7 @@ class HttpVerifier:
                 if resp.status != 200:
                     return None
                 body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as e:
             raise VerifierUnavailable() from e
         if not isinstance(body, dict):
             return None

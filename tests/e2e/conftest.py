@@ -31,7 +31,7 @@ CHROMIUM_ARGS = [
 
 def _playwright() -> ModuleType:
     try:
-        import playwright.sync_api as sync_api
+        from playwright import sync_api
     except ImportError:
         message = "playwright is not installed (pip install -e '.[test]')"
         if os.environ.get("CI", "").lower() == "true":

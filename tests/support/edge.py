@@ -65,7 +65,7 @@ def craft(client: Any, payload: dict[str, Any] | None = None, *,
 
 def split(token: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     h, p, s = token.split(".")
-    pad = lambda x: x + "=" * (-len(x) % 4)  # noqa: E731
+    pad = lambda x: x + "=" * (-len(x) % 4)
     return (json.loads(base64.urlsafe_b64decode(pad(h))),
             json.loads(base64.urlsafe_b64decode(pad(p))), s)
 

@@ -109,7 +109,7 @@ class CannedServer:
             self.requests.append(head)
             writer.write(self.response)
             await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+        except (TimeoutError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()

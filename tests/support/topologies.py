@@ -138,7 +138,7 @@ class SentinelGroup:
         for s in self.sentinels:
             c = s.client()
             try:
-                wait_until(lambda: len(c.sentinel_slaves(self.service_name)) == 1
+                wait_until(lambda c=c: len(c.sentinel_slaves(self.service_name)) == 1
                            and len(c.sentinel_sentinels(self.service_name)) == 2,
                            20, f"sentinel {s.port} sees the replica and its peers")
             finally:
@@ -149,7 +149,7 @@ class SentinelGroup:
         """The primary port the sentinels currently report."""
         c = self.sentinels[0].client()
         try:
-            host, port = c.sentinel_get_master_addr_by_name(self.service_name)
+            _host, port = c.sentinel_get_master_addr_by_name(self.service_name)
             return int(port)
         finally:
             c.close()
@@ -198,14 +198,14 @@ class Cluster:
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
         done = subprocess.run(
             [cli, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True, timeout=30,
+            capture_output=True, timeout=30, check=False,
         )
         if done.returncode != 0:
             raise RuntimeError(f"cluster create failed: {done.stdout!r} {done.stderr!r}")
         for n in self.nodes:
             c = n.client()
             try:
-                wait_until(lambda: c.cluster("INFO").get("cluster_state") == "ok"
+                wait_until(lambda c=c: c.cluster("INFO").get("cluster_state") == "ok"
                            and int(c.cluster("INFO").get("cluster_known_nodes", 0)) == 3,
                            20, f"cluster node {n.port} ok")
             finally:
