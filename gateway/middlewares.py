@@ -27,7 +27,14 @@ from gateway.errors import (
 )
 from gateway.logs import emit
 from gateway.metrics import Metrics
-from gateway.request_state import AUTH_FAILURE, IDENTITY, REQUEST_ID, ROUTE_NAME, UPSTREAM_DURATION
+from gateway.request_state import (
+    AUTH_FAILURE,
+    IDENTITY,
+    PENDING_COOKIES,
+    REQUEST_ID,
+    ROUTE_NAME,
+    UPSTREAM_DURATION,
+)
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
@@ -107,6 +114,9 @@ def make_middleware(
                 response = error_response(GatewayError(), realm)
             if not response.prepared:
                 response.headers["X-Request-Id"] = request_id
+                pending = request.get(PENDING_COOKIES)
+                if pending is not None:
+                    pending.apply(response)  # the same cookies again on a proxied answer: one each
                 if response.status == RequestTimeout.status and request.protocol is not None:
                     # A too-slow body: answer, then hang up rather than linger reading the rest.
                     response.force_close()

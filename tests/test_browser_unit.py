@@ -27,6 +27,7 @@ from gateway.clock import FakeClock
 from gateway.config import load_config_text
 from tests.conftest import PASSWORD, gateway_yaml
 from tests.support.browser import write_cheap_users
+from tests.support.ports import free_port
 from tests.support.upstream import Upstream
 
 GOOD = frozenset({"good.example", "apps.example:8443"})
@@ -209,9 +210,10 @@ def make_yaml(cheap_users: Path) -> Callable[..., str]:
 
 @pytest.fixture
 def browser_gw(aiohttp_client, make_yaml, upstream) -> Callable[..., Any]:
-    async def make(*, extra: str | None = None, tokens: str = TOKENS) -> Browserish:
+    async def make(*, extra: str | None = None, tokens: str = TOKENS,
+                   routes: str | None = None) -> Browserish:
         clock = FakeClock(time.time())
-        text = make_yaml(upstream.url, routes=ROUTES.format(url=upstream.url),
+        text = make_yaml(upstream.url, routes=routes or ROUTES.format(url=upstream.url),
                          extra=extra if extra is not None else _extra(), tokens=tokens)
         config = load_config_text(text.replace("{port}", "0"), "test.yaml")
         client = await aiohttp_client(create_app(config, clock=clock),
@@ -617,3 +619,29 @@ async def test_sign_out_without_a_session_is_harmless(browser_gw):
     r = await gw.request("GET", "/auth/sign-out", headers=NAV,
                          cookies={"gw_session": "garbage", "gw_access": "x.y.z"})
     assert r.status == 200 and "You are signed out" in await r.text()
+
+
+@pytest.mark.parametrize(("path", "status"), [("/admin/", 403), ("/down/", 502)])
+async def test_a_session_renewed_by_a_failing_request_keeps_its_new_cookies(
+        browser_gw, upstream, path, status):
+    """The expired access cookie is renewed inside the request, which spends the old session
+    cookie; the error that ends the request (a missing role, a dead upstream) still carries the
+    successors, or the browser's next request would present a spent token and be signed out."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    gw = await browser_gw(routes=textwrap.dedent(f"""\
+        - {{name: app, path: /app, upstream: {upstream.url}, auth: required, browser: true}}
+        - {{name: admin, path: /admin, upstream: {upstream.url}, auth: required, browser: true,
+            roles: [admin]}}
+        - {{name: down, path: /down, upstream: {dead}, auth: required, browser: true}}
+        """))
+    cookies = await gw.session()  # alice, roles [user]
+    gw.clock.advance(61)  # the access cookie has expired
+    r = await gw.request("GET", path, headers=NAV, cookies=cookies)
+    assert r.status == status
+    fresh = _set_cookies(r)
+    assert {"gw_access", "gw_session"} <= fresh.keys(), r.headers.getall("Set-Cookie", [])
+    assert fresh["gw_session"].value != cookies["gw_session"]
+    gw.clock.advance(2)  # past reuse_grace: the old session cookie is spent for good
+    r = await gw.request("GET", "/app/", headers=NAV,
+                         cookies={"gw_session": fresh["gw_session"].value})
+    assert r.status == 200, r.headers.get("Location")

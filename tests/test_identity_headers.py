@@ -51,6 +51,12 @@ def _spoofed_headers() -> list[tuple[str, str]]:
         # Underscored twins: CGI/WSGI-style upstreams read X_User_Id as X-User-Id.
         ("X_User_Id", SPOOF), ("x_user_roles", SPOOF), ("X_Session_Id", SPOOF),
         ("X_Auth_Admin", SPOOF), ("X_Dept", SPOOF), ("X_Identity_Token", SPOOF),
+        # Forwarding headers the gateway does not set: frameworks rewrite scheme, port and URL
+        # prefix from them, and oauth2-proxy-style backends read X-Forwarded-User as identity.
+        ("X-Forwarded-Port", SPOOF), ("X-Forwarded-Prefix", SPOOF), ("X-Forwarded-Ssl", SPOOF),
+        ("X-Forwarded-Scheme", SPOOF), ("X-Forwarded-Server", SPOOF),
+        ("X-Forwarded-User", SPOOF), ("X-Forwarded-Email", SPOOF), ("X_Forwarded_Port", SPOOF),
+        ("X-Forwarded-For", SPOOF), ("X-Forwarded-Proto", SPOOF), ("X-Forwarded-Host", SPOOF),
     ]
 
 

@@ -146,3 +146,56 @@ async def test_refreshed_session_keeps_the_socket_open_past_expiry(gateway, upst
     # No further refresh: the session's newest token runs out about 3s after opening.
     await _closed_with(ws, 1008)
     assert time.monotonic() - opened < 5.5
+
+
+def _split_routes(url: str, method: str) -> str:
+    # A public webhook (POST) or preflight route (OPTIONS) beside a protected GET socket.
+    return textwrap.dedent(f"""\
+        - {{name: hook, path: /ws, methods: [{method}], upstream: {url}, auth: public}}
+        - {{name: live, path: /ws, methods: [GET], upstream: {url}, auth: required}}
+    """)
+
+
+@pytest.mark.parametrize("method", ["POST", "OPTIONS"])
+async def test_a_non_get_upgrade_never_opens_a_socket(gateway, upstream, method):
+    """RFC 6455: the handshake is a GET. A POST asking to upgrade was authorized as a POST on
+    the public route, so it goes upstream as a plain POST, not as the protected GET socket."""
+    client = await gateway(routes=_split_routes(upstream.url, method))
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused_upgrade:
+        await client.ws_connect("/ws", method=method)
+    assert refused_upgrade.value.status == 200  # the plain answer, not a 101
+    got = upstream.last
+    assert got.method == method and got.header("Upgrade") is None
+    assert got.header("X-User-Id") is None
+
+
+@pytest.fixture
+async def silent_upstream():
+    """Accepts connections and reads the request head, never answers."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        try:
+            await asyncio.wait_for(reader.read(65536), 30)
+            await asyncio.sleep(30)
+        except (TimeoutError, OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    for w in writers:
+        w.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_an_upgrade_to_a_silent_upstream_is_a_504(gateway, silent_upstream):
+    client = await gateway(routes=f"- {{name: live, path: /live, upstream: {silent_upstream}, "
+                                  "auth: public, timeout: 500ms}\n")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as timed_out:
+        async with asyncio.timeout(WAIT):  # the route's 0.5 s, not the client's patience
+            await client.ws_connect("/live/ws")
+    assert timed_out.value.status == 504

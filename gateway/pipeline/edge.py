@@ -16,7 +16,14 @@ from gateway.pipeline.authz import authorize
 from gateway.pipeline.identity import HeaderPlan
 from gateway.pipeline.proxy import Balancer, Proxy
 from gateway.pipeline.router import Router
-from gateway.request_state import AUTH_FAILURE, IDENTITY, REQUEST_ID, ROUTE_NAME
+from gateway.request_state import (
+    AUTH_FAILURE,
+    IDENTITY,
+    PENDING_COOKIES,
+    REQUEST_ID,
+    ROUTE_NAME,
+    PendingCookies,
+)
 from gateway.tokens.claims import Identity
 from gateway.tokens.signer import KeyRing
 
@@ -83,6 +90,10 @@ class Edge:
                 identity, renewed = await self._identify(request, route)
                 if identity is not None:
                     request[IDENTITY] = identity
+                if renewed is not None and self.browser is not None:
+                    # Set on an error answer too (the middleware): see PendingCookies.
+                    browser, fresh = self.browser, renewed
+                    request[PENDING_COOKIES] = PendingCookies(lambda r: browser.apply(r, fresh))
             authorize(route, identity)
         except AuthError as e:
             # A person loading a page is sent to sign in instead of being shown a 401.

@@ -35,7 +35,9 @@ class HeaderPlan:
             _folded(n) for n in (names.user_id, names.roles, names.session_id,
                                  config.token_header, *config.claims.values(), *_DEFAULT_NAMES)
         ) | HOP_BY_HOP | _FORWARDED
-        self._strip_prefixes = tuple(_folded(p) for p in config.strip_prefixes)
+        # Every X-Forwarded-* (Port, Prefix, Ssl, User, ...): frameworks rewrite URLs from them
+        # and some backends read identity from them; the gateway sets For/Proto/Host itself.
+        self._strip_prefixes = ("x-forwarded-", *(_folded(p) for p in config.strip_prefixes))
         self._gateway_cookies = frozenset(gateway_cookies)
         # A gateway cookie name wherever a cookie parser may start a name, not only at the start
         # of a `;` part: aiohttp reads `a=1 gw_access=x` and `a=1, gw_access=x` as two cookies.

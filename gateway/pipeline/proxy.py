@@ -222,14 +222,19 @@ class Proxy:
         if not route.preserve_host:
             headers["Host"] = target.authority
         try:
-            upstream = await self._session.ws_connect(
-                url, headers=headers, protocols=protocols, autoclose=False, autoping=True,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
-                max_msg_size=route.max_body or 0,
-            )
+            # The whole handshake (connect, then the upstream's 101) within the route's timeout,
+            # as a plain request's answer must come; aiohttp takes no per-call timeout here.
+            async with asyncio.timeout(route.timeout):
+                upstream = await self._session.ws_connect(
+                    url, headers=headers, protocols=protocols, autoclose=False, autoping=True,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+                    max_msg_size=route.max_body or 0,
+                )
+        except TimeoutError as e:
+            raise GatewayTimeout("The upstream did not answer the WebSocket upgrade in time.") from e
         except aiohttp.WSServerHandshakeError as e:
             raise BadGateway(f"The upstream refused the WebSocket upgrade ({e.status}).") from e
-        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+        except (aiohttp.ClientError, OSError) as e:
             raise BadGateway(_describe(e)) from e
         client = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False,
@@ -314,7 +319,10 @@ async def _pump(source: Any, sink: Any) -> None:
 
 
 def _is_websocket(request: web.Request) -> bool:
-    return (request.headers.get("Upgrade", "").lower() == "websocket"
+    # RFC 6455 4.1: the opening handshake is a GET. Another method asking to upgrade was
+    # authorized for that method only, so it is forwarded as a plain request (no upgrade).
+    return (request.method == "GET"
+            and request.headers.get("Upgrade", "").lower() == "websocket"
             and "upgrade" in request.headers.get("Connection", "").lower())
 
 
