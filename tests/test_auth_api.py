@@ -208,6 +208,59 @@ async def test_successful_logins_do_not_count_against_the_user(api: Any) -> None
         await login(client)
 
 
+async def test_concurrent_guesses_cannot_outrun_the_user_limit(api: Any) -> None:
+    """Each attempt is counted before its password is checked: a burst of 30 guesses sent at
+    once gets 3 password checks, not 30 (all would pass a check made before any failed)."""
+    client = await api(extra="auth: {rate_limit: {per_user: 3, per_ip: 1000, window: 60s}}\n")
+
+    async def attempt(password: str) -> int:
+        r = await client.post("/auth/login", json={"username": "alice", "password": password})
+        return r.status
+
+    statuses = await asyncio.wait_for(
+        asyncio.gather(*(attempt(f"guess-{i}") for i in range(30))), 60)
+    assert sorted(set(statuses)) == [401, 429] and statuses.count(401) <= 3, statuses
+
+
+async def test_logins_in_flight_count_until_they_succeed(api: Any) -> None:
+    """A correct password gives its attempt back once checked: logins one after another never
+    run into the limit, but no more than `per_user` checks run at the same time."""
+    client = await api(extra="auth: {rate_limit: {per_user: 2, per_ip: 1000, window: 60s}}\n")
+    statuses = await asyncio.wait_for(asyncio.gather(*(
+        client.post("/auth/login", json={"username": "alice", "password": PASSWORD})
+        for _ in range(6))), 60)
+    assert {r.status for r in statuses} <= {200, 429} and any(r.status == 200 for r in statuses)
+    for _ in range(4):
+        await login(client)
+
+
+async def test_a_body_arriving_in_pieces_is_read_whole(api: Any) -> None:
+    """A login body split over TCP segments (or chunks) is read to its end, not cut short."""
+    client = await api()
+    body = f'{{"username": "alice", "password": "{PASSWORD}"}}'.encode()
+    for chunked in (False, True):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        try:
+            half = len(body) // 2
+            framing = ("Transfer-Encoding: chunked" if chunked
+                       else f"Content-Length: {len(body)}")
+            writer.write(f"POST /auth/login HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         f"Content-Type: application/json\r\n{framing}\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            pieces = [body[:half], body[half:]]
+            if chunked:
+                pieces = [b"%x\r\n%s\r\n" % (len(p), p) for p in pieces] + [b"0\r\n\r\n"]
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.1)
+            answer = await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert b"refresh_token" in answer
+
+
 async def test_attempts_per_ip_are_rate_limited(api: Any) -> None:
     client = await api(extra="auth: {rate_limit: {per_user: 100, per_ip: 3, window: 60s}}\n")
     await login(client)
@@ -243,6 +296,24 @@ async def test_refresh_json_and_every_error_code(api: Any) -> None:
     clock.advance(3601)
     r = await refresh(client, t["refresh_token"])
     assert await error_of(r, 401) == "refresh_token_expired"
+
+
+async def test_a_forged_token_at_the_last_generation_is_refused_not_a_500(api: Any) -> None:
+    """The generation field is 4 bytes: a token claiming the last one could have no successor.
+    Forged with any session id, it is not one of ours (before any Redis lookup)."""
+    import base64
+    import os
+    import struct
+
+    body = struct.pack(">B16sIII", 1, os.urandom(16), 2**32 - 1, 2**32 - 1, 2**32 - 1)
+    token = base64.urlsafe_b64encode(body + os.urandom(48)).decode().rstrip("=")
+    client = await api(extra=COOKIES)
+    assert await refresh_error(client, token) == "invalid_refresh_token"
+    r = await client.post("/auth/token", **form(grant_type="refresh_token", refresh_token=token))
+    assert await error_of(r, 400) == "invalid_grant"
+    r = await client.post("/auth/refresh", cookies={"gw_session": token},
+                          headers={"X-Requested-With": "fetch"})
+    assert r.status == 401, await r.text()
 
 
 async def test_refresh_by_cookie(api: Any) -> None:

@@ -272,6 +272,16 @@ def test_duplicate_route_name() -> None:
     ]
 
 
+@pytest.mark.parametrize("tokens", ["", "tokens: {audience: [billing, api]}\n"])
+def test_a_route_cannot_be_named_like_an_access_token_audience(tokens: str) -> None:
+    """Identity tokens carry aud = route name; a route named like an access-token audience would
+    let its upstream replay them as access tokens on every route."""
+    name = "api" if tokens else "edge-gateway"
+    lines = problems(MINIMAL + tokens + "routes:\n"
+                     f"  - {{name: {name}, path: /a, upstream: 'http://127.0.0.1:9'}}\n")
+    assert len(lines) == 1 and f"route name '{name}' is also an access-token audience" in lines[0]
+
+
 @pytest.mark.parametrize(("upstream", "col", "why"), [
     ("ftp://example.com", 15,
      "'ftp://example.com': expected an http:// or https:// URL with a host"),

@@ -284,3 +284,21 @@ async def test_sessions_cli_lists_and_revokes(real: Any, upstream: Any, users: P
     assert "alice: 1 session(s) revoked" in out
     assert await refresh_error(client, a2["refresh_token"]) == "session_revoked"
     await refreshed(client, b["refresh_token"])
+
+
+async def test_sessions_that_idled_out_do_not_count_against_the_cap(real: Any,
+                                                                    redis_client: Any) -> None:
+    """The per-user index lists sessions until their absolute end; one that idled out earlier
+    must not push a live session out when the user logs in again within the cap."""
+    client = await real(tokens="refresh_ttl: 4s\nreuse_grace: 1s\naccess_ttl: 60s\n",
+                        extra="auth: {max_sessions_per_user: 2}\n")
+    used = await login(client)                  # t=0: the device in use
+    await asyncio.sleep(1.1)
+    abandoned = await login(client)             # t=1.1: left alone, idles out by about t=5
+    await asyncio.sleep(2.0)
+    used = await refreshed(client, used["refresh_token"])  # t=3.1: renewed to about t=7
+    await asyncio.sleep(2.1)                    # t=5.2
+    gone = jwt_claims(abandoned["access_token"])["sid"]
+    assert await redis_client.exists(f"gw:s:{{{gone}}}") == 0
+    await login(client)                         # two live sessions: within the cap
+    await refreshed(client, used["refresh_token"])

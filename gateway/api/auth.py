@@ -6,6 +6,7 @@ rendered here.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,7 @@ from gateway.errors import (
     InvalidGrant,
     MissingToken,
     RefreshError,
+    RequestTimeout,
     TokenRevoked,
     UnsupportedGrantType,
 )
@@ -66,9 +68,7 @@ class AuthApi:
         """A small JSON object or urlencoded form as str -> str; anything else is a 400."""
         if request.content_length is not None and request.content_length > _MAX_FORM:
             raise BadRequest("The request body is too large.")
-        raw = await request.content.read(_MAX_FORM + 1)
-        if len(raw) > _MAX_FORM:
-            raise BadRequest("The request body is too large.")
+        raw = await self._body(request)
         kind = request.content_type
         try:
             if kind == "application/json":
@@ -96,6 +96,24 @@ class AuthApi:
                 raise BadRequest(f"Field {key!r} is not acceptable.")
             out[str(key)] = value
         return out
+
+    async def _body(self, request: web.Request) -> bytes:
+        # A body may arrive in several segments (or chunks): read to its end, bounded in size
+        # and, per segment, by the listener's idle body timeout.
+        parts: list[bytes] = []
+        seen = 0
+        while True:
+            try:
+                async with asyncio.timeout(self._config.listen.body_timeout):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                raise RequestTimeout() from None
+            if not chunk:
+                return b"".join(parts)
+            seen += len(chunk)
+            if seen > _MAX_FORM:
+                raise BadRequest("The request body is too large.")
+            parts.append(chunk)
 
     def check_csrf(self, request: web.Request) -> None:
         """Cookie-authenticated state changes must come from our own pages."""

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from gateway.config.model import GatewayConfig
+from gateway.config.model import GatewayConfig, Tokens
 
 Loc = tuple[str | int, ...]
 
@@ -272,6 +272,12 @@ def _duplicate_route_names(data: dict[str, Any], source: SourceMap) -> list[Prob
         return []
     problems: list[Problem] = []
     seen: dict[str, int] = {}
+    tokens = data.get("tokens")
+    audience = tokens.get("audience") if isinstance(tokens, dict) else None
+    if audience is None:
+        audience = list(Tokens.model_fields["audience"].default)
+    audiences = {audience} if isinstance(audience, str) else (
+        {a for a in audience if isinstance(a, str)} if isinstance(audience, list) else set())
     for i, route in enumerate(routes):
         name = route.get("name") if isinstance(route, dict) else None
         if not isinstance(name, str):
@@ -283,6 +289,11 @@ def _duplicate_route_names(data: dict[str, Any], source: SourceMap) -> list[Prob
                 )
             )
         seen.setdefault(name, i)
+        if name in audiences:
+            problems.append(source.problem(
+                ("routes", i, "name"),
+                f"route name {name!r} is also an access-token audience (tokens.audience): the "
+                "route's identity tokens (aud = route name) would pass as access tokens"))
     return problems
 
 

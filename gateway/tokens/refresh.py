@@ -27,6 +27,7 @@ _RANDOM = 32
 _TAG = 16
 _SIZE = _HEAD.size + _RANDOM + _TAG
 MAX_TOKEN_CHARS = 128
+_LAST_GENERATION = 2**32 - 1  # the generation field is 4 bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +78,8 @@ def parse(token: str) -> PresentedToken | None:
     if len(raw) != _SIZE or _b64(raw) != token:
         return None
     version, sid, generation, expires, end = _HEAD.unpack_from(raw)
-    if version != _VERSION:
-        return None
+    if version != _VERSION or generation >= _LAST_GENERATION:
+        return None  # the last generation is never minted: it could have no successor
     return PresentedToken(raw[:-_TAG], _b64(sid), generation, expires, end, raw[-_TAG:])
 
 

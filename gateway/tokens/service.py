@@ -78,15 +78,22 @@ class TokenService:
         if ip_count > limit.per_ip:
             self._audit("login_rate_limited", {"ip": client.ip, "by": "ip"})
             raise RateLimited(ip_reset // 1000 + 1)
-        user_count, user_reset = await self.store.hit("user", username, window_ms, 0)
-        if user_count >= limit.per_user:
+        # The attempt is counted before the password is checked, so concurrent guesses cannot
+        # all pass a check made before any of them failed; a correct password gives it back.
+        user_count, user_reset = await self.store.hit("user", username, window_ms)
+        if user_count > limit.per_user:
+            await self.store.hit("user", username, window_ms, -1)  # refused: not a failure
             self._audit("login_rate_limited", {"user": username, "ip": client.ip, "by": "user"})
             raise RateLimited(user_reset // 1000 + 1)
-        user = await self.users.authenticate(username, password)
+        try:
+            user = await self.users.authenticate(username, password)
+        except Exception:
+            await self.store.hit("user", username, window_ms, -1)  # the verifier failed, not you
+            raise
         if user is None:
-            await self.store.hit("user", username, window_ms)
             self._audit("login_failure", {"user": username, "ip": client.ip})
             raise InvalidCredentials()
+        await self.store.hit("user", username, window_ms, -1)
         pair = await self._start_session(user, client)
         self._audit("login_success", {"user": user.sub, "sid": pair.sid, "ip": client.ip})
         return pair

@@ -192,6 +192,18 @@ class SessionStore:
             # Oldest by absolute expiry come first; everything past the cap is evicted, but
             # never the session just created (expiries tie when logins share a millisecond).
             members = [m.decode() for m in res[2] if m.decode() != sid]
+            if len(members) + 1 <= cap:
+                return []
+            # The index is scored by absolute end, so sessions that idled out are still listed:
+            # forget those first, and count only live ones against the cap.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for member in members:
+                    pipe.exists(self._session_keys(member)[0])
+                alive = await pipe.execute()
+            dead = [m for m, live in zip(members, alive, strict=True) if not live]
+            if dead:
+                await self.redis.zrem(key, *dead)
+            members = [m for m, live in zip(members, alive, strict=True) if live]
             return members[: max(0, len(members) + 1 - cap)]
 
         return await self._call(run)
