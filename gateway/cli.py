@@ -89,9 +89,8 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.config}: OK ({len(config.routes)} routes)")
     print(_route_table(config))
-    if config.tokens.ephemeral:
-        print("warning: no signing key configured; an ephemeral key is generated at start "
-              "(single process only; tokens do not survive a restart)", file=sys.stderr)
+    for advisory in config.advisories:
+        print(f"warning: {advisory}", file=sys.stderr)
     return 0
 
 

@@ -79,8 +79,8 @@ async def run_worker(config_path: str, *, reuse_port: bool = False,
         await admin.setup()
         await web.TCPSite(admin, config.metrics.host, config.metrics.port,
                           reuse_port=reuse_port).start()
-    if config.tokens.ephemeral:
-        log.warning("no signing key configured: using an ephemeral key (tokens end with the process)")
+    for advisory in config.advisories:
+        log.warning("%s", advisory)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -488,6 +488,42 @@ async def test_logout_with_bearer(api: Any) -> None:
     assert r.headers["WWW-Authenticate"].startswith("Bearer")
 
 
+async def test_logout_ends_the_bearers_session_whatever_refresh_token_comes_with_it(
+        api: Any) -> None:
+    # A stale or foreign refresh credential must not shadow the access token the caller sent:
+    # the caller is told it is out, so the session it authenticated with must be over.
+    client = await api(extra=COOKIES)
+    t = await login(client)
+    r = await client.post("/auth/logout", json={"refresh_token": "garbage"}, headers=bearer(t))
+    assert r.status == 204
+    assert await refresh_error(client, t["refresh_token"]) == "session_revoked"
+
+    mine, cookie_jar_session = await login(client), await login(client)
+    client.session.cookie_jar.clear()
+    r = await client.post("/auth/logout", headers={
+        **bearer(mine), "X-Requested-With": "x",
+        "Cookie": f"gw_refresh={cookie_jar_session['refresh_token']}"})
+    assert r.status == 204
+    # Both ended: the one the caller authenticated with, and the one whose cookie it cleared.
+    assert await refresh_error(client, mine["refresh_token"]) == "session_revoked"
+    assert await refresh_error(client, cookie_jar_session["refresh_token"]) == "session_revoked"
+
+
+async def test_logout_with_a_refresh_token_and_an_expired_access_token(api: Any) -> None:
+    clock = FakeClock(time.time())
+    client = await api(clock=clock, tokens="access_ttl: 1m\nrefresh_ttl: 1h\nextra_claims: [email]\n")
+    t = await login(client)
+    clock.advance(600)
+    # The access token alone cannot end anything: the caller hears so.
+    r = await client.post("/auth/logout", headers=bearer(t))
+    assert await error_of(r, 401) == "token_expired"
+    # Beside a live refresh token it is no obstacle: that session ends.
+    r = await client.post("/auth/logout", json={"refresh_token": t["refresh_token"]},
+                          headers=bearer(t))
+    assert r.status == 204, await r.text()
+    assert await refresh_error(client, t["refresh_token"]) == "session_revoked"
+
+
 async def test_a_session_id_alone_cannot_log_anyone_out(api: Any) -> None:
     client = await api()
     victim = await login(client)

@@ -76,6 +76,27 @@ def test_check_prints_the_route_table(valid_config: Path) -> None:
     ]
     # No signing key: the ephemeral-key warning goes to stderr, the check still passes.
     assert "ephemeral" in r.stderr
+    assert "reuse_grace" not in r.stderr  # the embedded store never retries
+
+
+@pytest.mark.parametrize(("redis", "grace", "warned"), [
+    ("{url: 'redis://127.0.0.1:6379/0'}", "10s", False),             # window 2.5s
+    ("{url: 'redis://127.0.0.1:6379/0'}", "2s", True),
+    ("{url: 'redis://127.0.0.1:6379/0', retries: 0}", "0s", False),   # nothing is retried
+    ("{url: 'redis://127.0.0.1:6379/0', retries: 4, timeout: 2s}", "10s", True),  # 14s
+])
+def test_check_warns_when_a_retried_refresh_would_look_like_reuse(
+        tmp_path: Path, users_file: Path, redis: str, grace: str, warned: bool) -> None:
+    # A rotation whose reply was lost is sent again after timeout + backoff + reconnect; if
+    # that can outlast reuse_grace, the retry is taken for a stolen token and the user is out.
+    config = write(tmp_path / "gateway.yaml", f"""\
+        redis: {redis}
+        tokens: {{reuse_grace: {grace}}}
+        users: {{file: '{users_file}'}}
+        """)
+    r = cli("check", "-c", str(config))
+    assert r.returncode == 0, r.stderr
+    assert ("warning: tokens.reuse_grace" in r.stderr) is warned, r.stderr
 
 
 def test_the_shipped_example_passes_check() -> None:

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from gateway.config.model import GatewayConfig
 from gateway.errors import (
+    AuthError,
     BadRequest,
     CsrfRejected,
     InvalidCredentials,
@@ -226,16 +227,22 @@ class AuthApi:
         return response
 
     async def logout(self, request: web.Request) -> web.Response:
+        """Ends every session the caller proves it holds: the refresh token's (body or cookie) and
+        the access token's (Bearer or cookie). A refresh credential never shadows the access token:
+        a stale refresh cookie from another session must not leave the caller's own session live."""
         fields = await self.fields(request)
         token = await self.refresh_credential(request, fields)
-        if token:
-            await self.service.logout_refresh_token(token)
-        else:
-            try:
-                identity = self.identity(request, state_changing=True)
-                await self.service.revoke(identity.sid, "logout")
-            except TokenRevoked:
-                pass  # the session is already over: logging out again is done, not an error
+        ended = await self.service.logout_refresh_token(token) if token else None
+        try:
+            identity: Identity | None = self.identity(request, state_changing=True)
+        except TokenRevoked:
+            identity = None  # the session is already over: logging out again is done, not an error
+        except AuthError:
+            if token is None:
+                raise  # nothing presented ends a session: the caller must know it is still in
+            identity = None  # an expired access token beside a refresh token adds nothing to end
+        if identity is not None and identity.sid != ended:
+            await self.service.revoke(identity.sid, "logout")
         response = web.Response(status=204)
         response.headers["Cache-Control"] = "no-store"
         self.clear_cookies(response)

@@ -111,6 +111,10 @@ class Sentinel(Frozen):
     password: str | None = None
 
 
+#: The longest wait between two tries of one Redis command (redis-py's ExponentialBackoff cap).
+RETRY_BACKOFF_CAP = 0.5
+
+
 class RedisConfig(Frozen):
     url: str = "memory://"
     key_prefix: str = "gw:"
@@ -121,6 +125,14 @@ class RedisConfig(Frozen):
     retries: int = Field(1, ge=0, le=10)
     sentinel: Sentinel | None = None
     cluster: bool = False
+
+    @property
+    def retry_window(self) -> float:
+        """How long after a command first reached Redis its last retry can still arrive: each
+        retry follows a timeout, a backoff and a reconnect. The embedded store never retries."""
+        if self.url == "memory://":
+            return 0.0
+        return self.retries * (self.timeout + RETRY_BACKOFF_CAP + self.connect_timeout)
 
     @field_validator("url")
     @classmethod
@@ -389,3 +401,21 @@ class GatewayConfig(Frozen):
     metrics: Metrics = Metrics()
     logging: Logging = Logging()
     routes: tuple[Route, ...] = ()
+
+    @property
+    def advisories(self) -> tuple[str, ...]:
+        """Valid but risky settings: `gateway check` prints them and every worker logs them."""
+        out = []
+        if self.tokens.ephemeral:
+            out.append("no signing key configured: an ephemeral key is generated at start "
+                       "(single process only; tokens do not survive a restart)")
+        window = self.redis.retry_window
+        if window and self.tokens.reuse_grace <= window:
+            # A rotation that ran but whose reply was lost is sent again; within the grace the
+            # retry gets the same successor, after it the retry looks like a stolen token.
+            out.append(
+                f"tokens.reuse_grace ({self.tokens.reuse_grace:g}s) is not longer than the Redis "
+                f"retry window ({window:g}s = redis.retries x (timeout + connect_timeout + "
+                f"{RETRY_BACKOFF_CAP:g}s backoff)): a refresh retried after a lost reply would "
+                "be taken for token reuse and end the session")
+        return tuple(out)

@@ -10,7 +10,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 
-from gateway.config.model import RedisConfig
+from gateway.config.model import RETRY_BACKOFF_CAP, RedisConfig
 from gateway.tokens.pipelined import PipelinedConnection
 
 
@@ -31,7 +31,7 @@ def _options(config: RedisConfig) -> dict[str, Any]:
     return {
         "socket_timeout": config.timeout,
         "socket_connect_timeout": config.connect_timeout,
-        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), config.retries),
+        "retry": Retry(ExponentialBackoff(cap=RETRY_BACKOFF_CAP, base=0.05), config.retries),
         "decode_responses": False,
         "health_check_interval": 15,
     }

@@ -20,6 +20,8 @@ import hiredis
 from redis import exceptions as rx
 from redis.asyncio.connection import Connection, ConnectionPool, UnixDomainSocketConnection
 
+from gateway.config.model import RETRY_BACKOFF_CAP
+
 Arg = bytes | str | int | float
 
 
@@ -168,7 +170,7 @@ class PipelinedConnection:
                 failures += 1
                 if failures > self._retries or self._closed:
                     raise
-                await asyncio.sleep(min(0.5, 0.05 * 2**failures))
+                await asyncio.sleep(min(RETRY_BACKOFF_CAP, 0.05 * 2**failures))
 
     async def evalsha(self, sha: str, script: str, keys: Sequence[Arg],
                       args: Sequence[Arg]) -> Any:

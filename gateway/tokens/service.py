@@ -181,13 +181,16 @@ class TokenService:
         return self._pair(token, result.mac_key, result.sub, roles, extra, now_ms)
 
     # --- logout and session management -----------------------------------------------------
-    async def logout_refresh_token(self, presented: str) -> None:
+    async def logout_refresh_token(self, presented: str) -> str | None:
+        """The sid ended, or None when the token holds no live session (idempotent)."""
         token = rt.parse(presented)
         if token is None:
-            return  # idempotent: nothing we issued, nothing to end
+            return None  # nothing we issued, nothing to end
         # Only a holder of the session's live token may end it: a sid alone is not enough.
-        if await self.store.holder(token.sid, token.digest) is not None:
-            await self.revoke(token.sid, "logout")
+        if await self.store.holder(token.sid, token.digest) is None:
+            return None
+        await self.revoke(token.sid, "logout")
+        return token.sid
 
     async def revoke(self, sid: str, reason: str, *, admin: bool = False) -> bool:
         sub = await self.store.revoke(sid, reason)
