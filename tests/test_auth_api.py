@@ -202,6 +202,17 @@ async def test_failed_logins_per_user_are_rate_limited(api: Any) -> None:
     await login(client, "bob")  # other users are not affected
 
 
+async def test_every_spelling_of_a_name_shares_one_limit(api: Any) -> None:
+    # A user service matching names case-insensitively would otherwise grant each spelling
+    # (and each Unicode compatibility form) a limit of its own.
+    client = await api(extra="auth: {rate_limit: {per_user: 3, per_ip: 100, window: 60s}}\n")
+    for name in ("alice", "ALICE", "\uff41lice"):  # fullwidth a: NFKC folds it to "a"
+        r = await client.post("/auth/login", json={"username": name, "password": "wrong"})
+        assert await error_of(r, 401) == "invalid_credentials"
+    r = await client.post("/auth/login", json={"username": "Alice", "password": "wrong"})
+    assert await error_of(r, 429) == "rate_limited"
+
+
 async def test_successful_logins_do_not_count_against_the_user(api: Any) -> None:
     client = await api(extra="auth: {rate_limit: {per_user: 2, per_ip: 100, window: 60s}}\n")
     for _ in range(4):

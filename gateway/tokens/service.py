@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -80,20 +81,23 @@ class TokenService:
             raise RateLimited(ip_reset // 1000 + 1)
         # The attempt is counted before the password is checked, so concurrent guesses cannot
         # all pass a check made before any of them failed; a correct password gives it back.
-        user_count, user_reset = await self.store.hit("user", username, window_ms)
+        # One counter for every spelling of a name: a user service that matches names
+        # case-insensitively must not give "Alice", "ALICE", "alice" a limit each.
+        subject = unicodedata.normalize("NFKC", username).casefold()
+        user_count, user_reset = await self.store.hit("user", subject, window_ms)
         if user_count > limit.per_user:
-            await self.store.hit("user", username, window_ms, -1)  # refused: not a failure
+            await self.store.hit("user", subject, window_ms, -1)  # refused: not a failure
             self._audit("login_rate_limited", {"user": username, "ip": client.ip, "by": "user"})
             raise RateLimited(user_reset // 1000 + 1)
         try:
             user = await self.users.authenticate(username, password)
         except Exception:
-            await self.store.hit("user", username, window_ms, -1)  # the verifier failed, not you
+            await self.store.hit("user", subject, window_ms, -1)  # the verifier failed, not you
             raise
         if user is None:
             self._audit("login_failure", {"user": username, "ip": client.ip})
             raise InvalidCredentials()
-        await self.store.hit("user", username, window_ms, -1)
+        await self.store.hit("user", subject, window_ms, -1)
         pair = await self._start_session(user, client)
         self._audit("login_success", {"user": user.sub, "sid": pair.sid, "ip": client.ip})
         return pair
