@@ -17,7 +17,7 @@ from typing import Any
 import fakeredis
 import pytest
 
-from gateway.app import create_app, reload
+from gateway.app import HOLDER, create_app, reload
 from gateway.clock import FakeClock
 from gateway.config import load_config_text
 from gateway.tokens import refresh as refresh_module
@@ -316,6 +316,32 @@ async def test_logout_and_logout_all(unit: Any) -> None:
     await refreshed(client, b["refresh_token"])  # another user's session untouched
     r = await until_status(client, "/auth/me", bearer(a3), 401)
     assert await error_of(r, 401) == "token_revoked"
+
+
+async def test_a_revocation_during_a_stalled_refresh_outlasts_the_token_it_issues(
+        unit: Any, clock: FakeClock, monkeypatch: Any) -> None:
+    """Another instance revokes the session just after this one rotated it, then this one stalls
+    (GC, CPU) before signing. The access token it then hands out must not outlive the revocation
+    entry every instance keeps: after the entry is dropped, the token must be expired too."""
+    client = await unit(tokens="access_ttl: 5m\nrefresh_ttl: 1h\nleeway: 10s\n")
+    t = await login(client)
+    service = client.app[HOLDER].current.service
+    rotate = service.store.rotate
+
+    async def rotate_then_revoked_elsewhere_then_stall(*args: Any, **kwargs: Any) -> Any:
+        result = await rotate(*args, **kwargs)
+        await service.revoke(jwt_claims(t["access_token"])["sid"], "logout")
+        clock.advance(120)  # the stall
+        return result
+
+    monkeypatch.setattr(service.store, "rotate", rotate_then_revoked_elsewhere_then_stall)
+    issued = await refreshed(client, t["refresh_token"])
+    await until_status(client, "/auth/me", bearer(issued), 401)
+    # Just past the revocation entry's end (access_ttl + 2 x leeway after the revocation, which
+    # came 120 s before now). A token stamped after the stall would still be valid here.
+    clock.advance(5 * 60 + 2 * 10 - 120 + 5)
+    r = await client.get("/auth/me", headers=bearer(issued))
+    assert await error_of(r, 401) in ("token_expired", "token_revoked")
 
 
 # --- users ------------------------------------------------------------------------------------

@@ -128,7 +128,11 @@ class TokenService:
         self, token: rt.RefreshToken, mac_key: bytes, sub: str, roles: tuple[str, ...],
         extra: Mapping[str, Any], now_ms: int,
     ) -> TokenPair:
-        access, ttl = self.keyring.access_token(sub=sub, sid=token.sid, roles=roles, extra=extra)
+        # Stamped with the time taken before the session step, not after it: a revocation that
+        # lands between the step and this line (another instance, while this one stalls) keeps
+        # its sid listed until access_ttl after the revocation, which must outlast this token.
+        access, ttl = self.keyring.access_token(sub=sub, sid=token.sid, roles=roles, extra=extra,
+                                                issued_at=now_ms / 1000)
         return TokenPair(access, ttl, token.token(mac_key),
                          max(0, token.expires - now_ms // 1000), token.sid, sub)
 
@@ -219,9 +223,10 @@ class TokenService:
 
     async def _after_revoke(self, sub: str, sids: list[str]) -> None:
         now_ms = self._now_ms()
-        # Access tokens of these sessions stay cryptographically valid until they expire:
-        # every instance keeps the sids in memory until then.
-        until = now_ms + int((self._tokens.access_ttl + self._tokens.leeway) * 1000)
+        # Access tokens of these sessions stay cryptographically valid until they expire (plus
+        # the verifier's leeway): every instance keeps the sids in memory until then, and one
+        # more leeway for the clock skew between the instance that signed and this one.
+        until = now_ms + int((self._tokens.access_ttl + 2 * self._tokens.leeway) * 1000)
         await self.store.announce_revoked(sids, until, now_ms)
         await self.store.unindex(sub, sids)
 

@@ -219,10 +219,11 @@ class KeyRing:
         return signing_input + "." + _b64(self._signature(signing_input.encode()))
 
     def access_token(
-        self, *, sub: str, sid: str, roles: tuple[str, ...], extra: Mapping[str, Any] | None = None
+        self, *, sub: str, sid: str, roles: tuple[str, ...], extra: Mapping[str, Any] | None = None,
+        issued_at: float | None = None,
     ) -> tuple[str, int]:
-        """A fresh access token and its lifetime in seconds."""
-        now = int(self._clock.now())
+        """A fresh access token and its lifetime in seconds, issued now or at `issued_at`."""
+        now = int(self._clock.now() if issued_at is None else issued_at)
         ttl = int(self.config.access_ttl)
         claims: dict[str, Any] = {
             **(extra or {}),
