@@ -227,12 +227,8 @@ class AuthApi:
         return response
 
     async def logout(self, request: web.Request) -> web.Response:
-        """Ends every session the caller proves it holds: the refresh token's (body or cookie) and
-        the access token's (Bearer or cookie). A refresh credential never shadows the access token:
-        a stale refresh cookie from another session must not leave the caller's own session live."""
         fields = await self.fields(request)
         token = await self.refresh_credential(request, fields)
-        ended = await self.service.logout_refresh_token(token) if token else None
         try:
             identity: Identity | None = self.identity(request, state_changing=True)
         except TokenRevoked:
@@ -241,8 +237,7 @@ class AuthApi:
             if token is None:
                 raise  # nothing presented ends a session: the caller must know it is still in
             identity = None  # an expired access token beside a refresh token adds nothing to end
-        if identity is not None and identity.sid != ended:
-            await self.service.revoke(identity.sid, "logout")
+        await self.service.logout([token] if token else [], identity.sid if identity else None)
         response = web.Response(status=204)
         response.headers["Cache-Control"] = "no-store"
         self.clear_cookies(response)

@@ -201,18 +201,14 @@ class Browser:
 
     async def sign_out(self, request: web.Request) -> web.StreamResponse:
         c = self._cookies
-        for name in (c.session_name, c.refresh_name):
-            token = request.cookies.get(name)
-            if token:
-                await self._api.service.logout_refresh_token(token)
-        access = request.cookies.get(c.access_name)
+        tokens = [t for name in (c.session_name, c.refresh_name) if (t := request.cookies.get(name))]
+        access, sid = request.cookies.get(c.access_name), None
         if access:
             try:
-                identity = self._api.authn.verify(access)
+                sid = self._api.authn.verify(access).sid
             except Exception:  # noqa: BLE001 - an expired or bad cookie has nothing to revoke
-                identity = None
-            if identity is not None:
-                await self._api.service.revoke(identity.sid, "logout")
+                sid = None
+        await self._api.service.logout(tokens, sid)
         target = self._config.auth.sign_out_redirect
         if target:
             response: web.StreamResponse = web.Response(

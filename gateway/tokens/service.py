@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,7 +189,15 @@ class TokenService:
         return self._pair(token, result.mac_key, result.sub, roles, extra, now_ms)
 
     # --- logout and session management -----------------------------------------------------
-    async def logout_refresh_token(self, presented: str) -> str | None:
+    async def logout(self, refresh_tokens: Iterable[str], access_sid: str | None) -> None:
+        """Ends every session the caller proves it holds: each refresh token's live session and
+        the access token's. A refresh token that holds nothing never shadows the access token:
+        a stale cookie from another session must not leave the caller's own session live."""
+        ended = {await self._logout_refresh_token(t) for t in refresh_tokens}
+        if access_sid is not None and access_sid not in ended:
+            await self.revoke(access_sid, "logout")
+
+    async def _logout_refresh_token(self, presented: str) -> str | None:
         """The sid ended, or None when the token holds no live session (idempotent)."""
         token = rt.parse(presented)
         if token is None:
