@@ -165,6 +165,10 @@ def test_a_route_path_with_trailing_slash_is_the_same_prefix() -> None:
     ("api.example.com", "api.example.com:8443", True),
     ("api.example.com", "www.example.com", False),
     ("api.example.com", "api.example.com.evil.net", False),
+    # The fully qualified spelling is the same name: it must not miss a host's (stricter) route.
+    ("api.example.com", "api.example.com.", True),
+    ("api.example.com", "API.example.com.:8443", True),
+    ("*.example.com", "a.example.com.", True),
     ("api.example.com", None, False),
     ("api.example.com:8443", "api.example.com:8443", True),
     ("api.example.com:8443", "api.example.com", False),
@@ -196,6 +200,7 @@ def test_host_specific_routes_come_before_host_agnostic_ones() -> None:
     router = Router([route("admin-host", "/admin", host="admin.example"), route("root", "/")])
     assert router.match("GET", "/admin", "www.example").route.name == "root"
     assert router.match("GET", "/admin", "admin.example").route.name == "admin-host"
+    assert router.match("GET", "/admin", "admin.example.").route.name == "admin-host"
 
 
 def test_method_filter() -> None:

@@ -168,7 +168,10 @@ class Browser:
         fields = await self._api.fields(request)
         return_to = safe_return(fields.get("return"), self._allowed)
         expected = request.cookies.get(self._cookies.csrf_name, "")
-        if not expected or not hmac.compare_digest(expected, fields.get("csrf", "")):
+        # Compared as bytes: compare_digest refuses (raises on) non-ASCII str.
+        if not expected or not hmac.compare_digest(
+                expected.encode("utf-8", "surrogatepass"),
+                fields.get("csrf", "").encode("utf-8", "surrogatepass")):
             return self._render_sign_in(return_to, "Your sign-in form expired. Please try again.",
                                         403)
         username, password = fields.get("username", ""), fields.get("password", "")

@@ -43,8 +43,11 @@ log = logging.getLogger("gateway.proxy")
 _DOWN_FOR = 5.0
 #: Sized response bodies up to this are read whole and sent with the head in one write.
 _SMALL_BODY = 64 * 1024
+#: Dropped from a WebSocket handshake: aiohttp makes its own Sec-WebSocket-*, and the handshake
+#: carries no body, so the client's framing must not announce one to the upstream.
 _WS_HEADERS = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-                         "sec-websocket-protocol", "sec-websocket-accept"})
+                         "sec-websocket-protocol", "sec-websocket-accept", "content-length",
+                         "transfer-encoding"})
 #: Methods whose bodyless requests carry no Content-Length.
 _BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 #: Session check for long-lived WebSockets: sid -> when it was last refreshed (epoch seconds),
@@ -174,12 +177,12 @@ class Proxy:
                 headers.popall("Content-Length", None)  # web.Response sets it from the body
                 small = web.Response(status=status, reason=exchange.reason, body=data,
                                      headers=headers)
-                small.headers.update(response_headers)
+                _add_headers(small.headers, response_headers)
                 if on_prepare is not None:
                     on_prepare(small)
                 return small
             response = web.StreamResponse(status=status, reason=exchange.reason, headers=headers)
-            response.headers.update(response_headers)
+            _add_headers(response.headers, response_headers)
             if on_prepare is not None:
                 on_prepare(response)
             await response.prepare(request)
@@ -419,6 +422,19 @@ def _response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[CIMultiDict[str],
             continue
         headers.add(name, value)
     return headers, None if chunked_body else length
+
+
+def _add_headers(headers: CIMultiDict[str], extra: dict[str, str]) -> None:
+    """The gateway's own response headers over the upstream's. Vary is a list that caches key
+    on: the gateway's field is added to the upstream's, never put in its place."""
+    for name, value in extra.items():
+        if name != "Vary" or "Vary" not in headers:
+            headers[name] = value
+            continue
+        fields = [f.strip() for v in headers.getall("Vary") for f in v.split(",") if f.strip()]
+        if "*" not in fields and value.lower() not in (f.lower() for f in fields):
+            fields.append(value)
+        headers["Vary"] = ", ".join(fields)
 
 
 def _text(raw: bytes, encoding: str = "utf-8") -> str:

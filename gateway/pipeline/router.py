@@ -91,6 +91,8 @@ class Router:
     def match(self, method: str, path: str, host: str | None) -> Match:
         """`path` must already be normalised. Raises NoRoute or MethodNotAllowed."""
         hostname, _, port = (host or "").lower().partition(":")
+        # `admin.example.com.` is the same name, fully qualified: it must meet the same route.
+        hostname = hostname.rstrip(".")
         allowed: set[str] = set()
         prefix = path.rstrip("/") or "/"
         while True:
