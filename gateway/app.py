@@ -19,7 +19,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.errors import MethodNotAllowed
 from gateway.metrics import Metrics
-from gateway.middlewares import make_middleware
+from gateway.middlewares import make_middleware, server_header
 from gateway.pipeline.authn import Authenticator
 from gateway.pipeline.edge import Edge
 from gateway.pipeline.forwarded import TrustedProxies
@@ -251,30 +251,81 @@ def create_app(
                 await client.aclose()
 
     app.cleanup_ctx.append(resources)
+    app.on_response_prepare.append(server_header)
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=expect_continue)
     return app
 
 
 def reload(app: web.Application) -> bool:
     """Re-read the config file; on any error log it and keep serving the old config."""
+    runtime = _next_runtime(app)
+    if runtime is None:
+        return False
+    _install(app, runtime)
+    return True
+
+
+async def reload_off_loop(app: web.Application) -> bool:
+    """`reload`, with the parsing and building (YAML, keys, the users file's argon2 calibration
+    hash: up to a second) in a thread, so requests keep being answered meanwhile."""
+    runtime = await asyncio.to_thread(_next_runtime, app)
+    if runtime is None:
+        return False
+    _install(app, runtime)
+    return True
+
+
+class Reloader:
+    """SIGHUP handling: one reload at a time, off the event loop; signals that arrive during a
+    reload make one more afterwards (the file may have changed again since it was read)."""
+
+    def __init__(self, app: web.Application):
+        self._app = app
+        self._task: asyncio.Future[None] | None = None
+        self._again = False
+
+    def request(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        again = True
+        while again:
+            self._again = False
+            await reload_off_loop(self._app)
+            again = self._again
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _next_runtime(app: web.Application) -> Runtime | None:
     path = app.get(CONFIG_PATH)
     if not path:
-        return False
+        return None
     holder, shared = app[HOLDER], app[SHARED]
+    log.info("reloading configuration from %s", path)
     try:
         config = load_config(path)
-        if config.redis != holder.current.config.redis or config.listen != holder.current.config.listen:
+        current = holder.current
+        if config.redis != current.config.redis or config.listen != current.config.listen:
             log.warning("reload: listen and redis changes need a restart; they are ignored")
         keyring = None
-        if config.tokens == holder.current.config.tokens and config.tokens.ephemeral:
-            keyring = holder.current.keyring  # an ephemeral key must survive a reload
-        holder.current = build_runtime(config, shared, keyring)
+        if config.tokens == current.config.tokens and config.tokens.ephemeral:
+            keyring = current.keyring  # an ephemeral key must survive a reload
+        return build_runtime(config, shared, keyring)
     except ConfigError as e:
         for problem in e.problems:
             log.error("reload rejected: %s", problem)
-        return False
+        return None
     except Exception as e:  # noqa: BLE001 - a bad key or users file must not stop serving
         log.error("reload rejected: %s", e)
-        return False
-    log.info("configuration reloaded from %s", path)
-    return True
+        return None
+
+
+def _install(app: web.Application, runtime: Runtime) -> None:
+    app[HOLDER].current = runtime  # one assignment: a request sees the old or the new, whole
+    log.info("configuration reloaded from %s", app[CONFIG_PATH])

@@ -34,6 +34,10 @@ class HeadersTooLarge(GatewayError):
     status, code, description = 431, "headers_too_large", "Request headers are too large."
 
 
+class UriTooLong(GatewayError):
+    status, code, description = 414, "uri_too_long", "The request line is too long."
+
+
 class PayloadTooLarge(GatewayError):
     status, code, description = 413, "payload_too_large", "The request body exceeds the route's limit."
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web, web_protocol, web_server
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from gateway.errors import (
@@ -24,6 +25,7 @@ from gateway.errors import (
     NoRoute,
     PayloadTooLarge,
     RequestTimeout,
+    UriTooLong,
 )
 from gateway.logs import emit
 from gateway.metrics import Metrics
@@ -40,6 +42,9 @@ log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: The Server header of the gateway's own answers: the product, not the versions of the
+#: Python and aiohttp behind it (aiohttp would add those).
+SERVER = "edge-gateway"
 if TYPE_CHECKING:
     from aiohttp.typedefs import Middleware
 
@@ -51,6 +56,7 @@ def error_response(error: GatewayError, realm: str) -> web.Response:
     body = json.dumps({"error": error.code, "error_description": error.description})
     response = web.Response(status=error.status, text=body, content_type="application/json")
     response.headers["Cache-Control"] = "no-store"
+    response.headers["Server"] = SERVER  # also answers that never reach the application
     for name, value in error.headers.items():
         response.headers[name] = value
     if error.bearer_error is not None:
@@ -133,6 +139,13 @@ def make_middleware(
     return gateway_middleware
 
 
+async def server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: a proxied answer keeps the upstream's Server; any other says ours.
+    (aiohttp fills in its own before or after this hook, depending on its version.)"""
+    if response.headers.get("Server", SERVER_SOFTWARE) == SERVER_SOFTWARE:
+        response.headers["Server"] = SERVER
+
+
 def _json(value: Any) -> str:
     """One JSON value, as json.dumps writes it: strings through its C escaper, ints as digits."""
     kind = type(value)
@@ -195,10 +208,16 @@ class _JsonErrorRequestHandler(web_protocol.RequestHandler):
     """
 
     header_timeout = 10.0
+    max_line_size = 8190
     _head_timer: asyncio.TimerHandle | None = None
     _awaiting_head = True
+    #: The current head's first bytes, up to just past the longest request line allowed: what
+    #: tells a too-long request line (414) from a too-long header line (431).
+    _head_start = b""
 
     def data_received(self, data: bytes) -> None:
+        if self._awaiting_head and len(self._head_start) <= self.max_line_size:
+            self._head_start += data[:self.max_line_size + 2 - len(self._head_start)]
         before = self._request_count
         super().data_received(data)
         if self._request_count > before:
@@ -211,6 +230,7 @@ class _JsonErrorRequestHandler(web_protocol.RequestHandler):
                    time: float | None) -> None:
         super().log_access(request, response, time)
         self._awaiting_head = True  # the next bytes on this connection start a new head
+        self._head_start = b""
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
@@ -239,8 +259,12 @@ class _JsonErrorRequestHandler(web_protocol.RequestHandler):
         self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        if isinstance(exc, LineTooLong):
-            error: GatewayError = HeadersTooLarge()
+        start = self._head_start
+        if isinstance(exc, LineTooLong) and start and b"\n" not in start[:self.max_line_size + 2]:
+            error: GatewayError = UriTooLong()
+        elif isinstance(exc, LineTooLong) or (
+                isinstance(exc, BadHttpMessage) and "Too many headers" in exc.message):
+            error = HeadersTooLarge()
         elif isinstance(exc, BadHttpMessage) or 400 <= status < 500:
             error = BadRequest("The request could not be parsed as HTTP/1.1.")
             error.status = status if 400 <= status < 500 else 400
@@ -257,10 +281,12 @@ class _JsonErrorRequestHandler(web_protocol.RequestHandler):
 class GatewayRunner(web.AppRunner):
     """An AppRunner whose connections answer protocol errors in JSON and time out slow heads."""
 
-    def __init__(self, app: web.Application, *, header_timeout: float = 10.0, **kwargs: Any):
-        super().__init__(app, **kwargs)
+    def __init__(self, app: web.Application, *, header_timeout: float = 10.0,
+                 max_line_size: int = 8190, **kwargs: Any):
+        super().__init__(app, max_line_size=max_line_size, **kwargs)
         handler: type[_JsonErrorRequestHandler] = type(
-            "RequestHandler", (_JsonErrorRequestHandler,), {"header_timeout": header_timeout})
+            "RequestHandler", (_JsonErrorRequestHandler,),
+            {"header_timeout": header_timeout, "max_line_size": max_line_size})
 
         class Server(web_server.Server):
             def __call__(self) -> web_protocol.RequestHandler:

@@ -16,11 +16,11 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import multiprocess
 
-from gateway.app import create_app, reload
+from gateway.app import Reloader, create_app
 from gateway.config import GatewayConfig, load_config
 from gateway.logs import JsonFormatter
 from gateway.metrics import Metrics
-from gateway.middlewares import GatewayRunner, JsonAccessLogger
+from gateway.middlewares import GatewayRunner, JsonAccessLogger, server_header
 
 log = logging.getLogger("gateway")
 
@@ -75,6 +75,7 @@ async def run_worker(config_path: str, *, reuse_port: bool = False,
     if config.metrics.enabled and config.metrics.port is not None:
         admin_app = web.Application()
         admin_app.router.add_get(config.metrics.path, metrics.handler)
+        admin_app.on_response_prepare.append(server_header)
         admin = web.AppRunner(admin_app, handle_signals=False, access_log=None)
         await admin.setup()
         await web.TCPSite(admin, config.metrics.host, config.metrics.port,
@@ -85,12 +86,15 @@ async def run_worker(config_path: str, *, reuse_port: bool = False,
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload(app))
+    reloader = Reloader(app)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
+    release_hangups()  # one that came while starting is delivered now: the file may be newer
     log.info("listening on http://%s:%s (pid %d)", config.listen.host, config.listen.port,
              os.getpid())
     if ready is not None:
         ready.set()
     await stop.wait()
+    await reloader.wait()
     log.info("draining in-flight requests (up to %.0fs)", config.listen.drain_timeout)
     # Stops accepting, lets in-flight requests finish, then closes Redis and upstream pools.
     if admin is not None:
@@ -99,16 +103,25 @@ async def run_worker(config_path: str, *, reuse_port: bool = False,
     log.info("stopped")
 
 
+def hold_hangups() -> None:
+    """SIGHUP's default action ends the process, and a reload may be sent the moment a gateway
+    starts: until the event loop handles it, SIGHUP stays pending (blocked), then arrives as
+    a reload. A supervised worker inherits the block from its supervisor, so it holds from
+    the first instruction."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
+
+def release_hangups() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+
+
 def serve(config_path: str, workers: int) -> int:
+    hold_hangups()
     config = load_config(config_path)
     setup_logging(config.logging.level)
-    if workers <= 1 and not os.environ.get("GATEWAY_WORKER"):
+    if workers <= 1 or os.environ.get("GATEWAY_WORKER"):
         install_uvloop()
-        asyncio.run(run_worker(config_path))
-        return 0
-    if os.environ.get("GATEWAY_WORKER"):
-        install_uvloop()
-        asyncio.run(run_worker(config_path, reuse_port=True))
+        asyncio.run(run_worker(config_path, reuse_port=bool(os.environ.get("GATEWAY_WORKER"))))
         return 0
     return supervise(config_path, config, workers)
 
@@ -123,8 +136,15 @@ def supervise(config_path: str, config: GatewayConfig, workers: int) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
     env = {**os.environ, "GATEWAY_WORKER": "1", "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     cmd = [sys.executable, "-m", "gateway", "serve", "-c", config_path]
-    procs = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
+    procs: list[subprocess.Popen[bytes]] = []
     stopping = False
+
+    def spawn() -> subprocess.Popen[bytes]:
+        hold_hangups()  # inherited: the worker holds SIGHUP until its loop takes it
+        try:
+            return subprocess.Popen(cmd, env=env)
+        finally:
+            release_hangups()
 
     def relay(signum: int, _frame: Any) -> None:
         nonlocal stopping
@@ -136,6 +156,7 @@ def supervise(config_path: str, config: GatewayConfig, workers: int) -> int:
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, relay)
+    procs.extend(spawn() for _ in range(workers))
     log.info("supervising %d workers", workers)
     try:
         while True:
@@ -150,7 +171,7 @@ def supervise(config_path: str, config: GatewayConfig, workers: int) -> int:
                 # Its in-flight gauge must stop counting (counters stay: totals survive it).
                 multiprocess.mark_process_dead(p.pid, metrics_dir)  # type: ignore[no-untyped-call]
                 time.sleep(0.5)
-                procs[i] = subprocess.Popen(cmd, env=env)
+                procs[i] = spawn()
             if stopping and all(p.poll() is not None for p in procs):
                 return 0
     finally:

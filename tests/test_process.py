@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.conftest import gateway_yaml
 from tests.support.gateway_process import GatewayProcess
 from tests.support.processes import (
     children,
@@ -25,6 +26,7 @@ from tests.support.processes import (
 )
 from tests.support.raw_http import raw_request
 from tests.support.redis_server import start_redis
+from tests.support.tokens import write_users
 from tests.support.upstream import Upstream
 
 SECRET = "process-test-secret-that-is-long-enough-0123456789"
@@ -159,6 +161,37 @@ async def test_sighup_reloads_atomically(process_gateway, make_yaml, upstream, o
     assert any(r.get("message", "").startswith("configuration reloaded") for r in log_records(gw))
 
 
+async def test_requests_are_answered_while_a_reload_is_built(process_gateway, upstream, tmp_path):
+    # Production argon2 parameters (64 MiB): building the new config spends one such hash (the
+    # unknown-user calibration), and the running config must keep answering meanwhile.
+    users = write_users(tmp_path / "users.yaml", cheap=False)
+    gw = await process_gateway(gateway_yaml(upstream.url, users,
+                                            routes=route("public", "/public", upstream.url)))
+
+    def messages() -> list[str]:
+        return [r.get("message", "") for r in log_records(gw)]
+
+    async def hammer() -> None:
+        async with aiohttp.ClientSession() as session:
+            for i in range(5000):
+                async with session.get(f"{gw.url}/healthz", headers={"X-Request-Id": f"h-{i}"}) as r:
+                    assert r.status == 200
+                    await r.read()
+                if i % 10 == 0 and any(m.startswith("configuration reloaded") for m in messages()):
+                    return
+
+    task = asyncio.ensure_future(hammer())
+    await asyncio.sleep(0.2)
+    gw.signal(signal.SIGHUP)
+    await asyncio.wait_for(task, 30)
+    records = log_records(gw)
+    found = [r.get("message", "") for r in records]
+    start = next(i for i, m in enumerate(found) if m.startswith("reloading configuration"))
+    end = next(i for i, m in enumerate(found) if m.startswith("configuration reloaded"))
+    answered = [r for r in records[start:end] if str(r.get("request_id", "")).startswith("h-")]
+    assert answered, "no request was answered while the reload was being built"
+
+
 async def test_invalid_reload_is_rejected_with_located_errors(process_gateway, make_yaml,
                                                               upstream, other_upstream):
     gw = await process_gateway(make_yaml(upstream.url, routes=route("public", "/public",
@@ -278,6 +311,36 @@ async def test_workers_share_one_port_reload_and_drain(process_gateway, make_yam
     assert stopped == workers
 
 
+async def test_reload_signals_while_workers_start_are_held_not_fatal(process_gateway, make_yaml,
+                                                                    upstream, redis_server):
+    # An operator (or config management) reloads right after a start. SIGHUP's default action
+    # ends a process: every one relayed before a worker's loop handles it must wait and become
+    # a reload. (A single process holds it from `serve` on, after its imports.)
+    workers = 2
+    text = make_yaml(upstream.url, redis_url=redis_server.url, tokens=HS256)
+    gw = await process_gateway(text, workers=workers, wait=False)
+
+    def records_with(prefix: str) -> list[dict[str, Any]]:
+        return [r for r in log_records(gw) if r.get("message", "").startswith(prefix)]
+
+    # The supervisor itself: once it relays (before that it is still importing Python).
+    await wait_for(lambda: records_with("supervising"), timeout=20)
+    sent = 0
+    for _ in range(400):  # every 20 ms, through the workers' imports, config load and bind
+        assert gw.proc is not None and gw.proc.poll() is None, gw.logs()
+        gw.signal(signal.SIGHUP)
+        sent += 1
+        if len({r["pid"] for r in records_with("listening on")}) == workers:
+            break
+        await asyncio.sleep(0.02)
+    assert sent > 5
+    await wait_for(lambda: len({r["pid"] for r in records_with("configuration reloaded")})
+                   == workers, timeout=20)
+    assert not records_with("worker"), [r["message"] for r in records_with("worker")]
+    assert (await get(f"{gw.url}/healthz"))[0] == 200
+    assert gw.proc is not None and gw.proc.poll() is None
+
+
 async def test_workers_refuse_embedded_store(tmp_path, make_yaml, upstream):
     from tests.support.gateway_process import write_config
     from tests.support.ports import free_port
@@ -296,6 +359,10 @@ PROTOCOL_ERRORS = [
      431, "headers_too_large"),
     (b"GET /healthz HTTP/1.1\r\nHost: gw\r\n" + b"X" * 10_000 + b": 1\r\n\r\n",
      431, "headers_too_large"),
+    (b"GET /healthz HTTP/1.1\r\nHost: gw\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(101))
+     + b"\r\n", 431, "headers_too_large"),
+    (b"GET /public/" + b"a" * 10_000 + b" HTTP/1.1\r\nHost: gw\r\n\r\n", 414, "uri_too_long"),
+    (b"GET /public/" + b"a" * 10_000, 414, "uri_too_long"),  # no line end yet
     (b"GARBAGE\r\n\r\n", 400, "invalid_request"),
     (b"GET / HTTP/9.9\r\nHost: gw\r\n\r\n", 400, "invalid_request"),
     (b"GET /\x00 HTTP/1.1\r\nHost: gw\r\n\r\n", 400, "invalid_request"),
@@ -320,6 +387,7 @@ async def test_protocol_errors_are_json(process_gateway, make_yaml, upstream):
         body = json.loads(r.body)
         assert body["error"] == code and body["error_description"], raw[:40]
         assert r.header("Cache-Control") == "no-store"
+        assert r.all("Server") == ["edge-gateway"]  # no Python or aiohttp version
     assert upstream.received == []  # nothing unparseable was forwarded
     records = log_records(gw)
     assert not [r for r in records if r.get("level") == "error" or "traceback" in r]

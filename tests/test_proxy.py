@@ -108,6 +108,26 @@ async def test_hop_by_hop_response_headers_are_not_forwarded(gateway):
     assert r.header("X-Kept") == "yes"
 
 
+@pytest.mark.parametrize("answer, server", [
+    (b"Content-Length: 2\r\n\r\nok", "edge-gateway"),
+    (b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", "edge-gateway"),
+    (b"Server: backend/1\r\nContent-Length: 2\r\n\r\nok", "backend/1"),
+], ids=["small", "streamed", "upstream-named"])
+async def test_server_header_never_names_python_or_aiohttp(gateway, answer, server):
+    canned = await CannedServer(b"HTTP/1.1 200 OK\r\nConnection: close\r\n" + answer).start()
+    try:
+        client = await gateway(routes=public(canned.url))
+        proxied = await raw_request(client.server.port,
+                                    b"GET /public/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        no_route = await raw_request(client.server.port, b"GET /nowhere HTTP/1.1\r\nHost: gw\r\n\r\n")
+    finally:
+        await canned.stop()
+    assert (proxied.status, proxied.body) == (200, b"ok")
+    assert proxied.all("Server") == [server]
+    assert (no_route.status, no_route.all("Server")) == (404, ["edge-gateway"])
+    # (answers to unparseable requests: test_process.py::test_protocol_errors_are_json)
+
+
 async def test_upstream_transfer_encoding_is_reframed_not_copied(gateway):
     canned = await CannedServer(
         b"HTTP/1.1 200 OK\r\n"

@@ -33,7 +33,7 @@ class GatewayProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> GatewayProcess:
+    def start(self, timeout: float = 20.0, *, wait: bool = True) -> GatewayProcess:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path = LOG_DIR / f"gateway-{self.port}-{int(time.time() * 1000)}.log"
         cmd = [sys.executable, "-m", "gateway", "serve", "-c", str(self.config_path)]
@@ -45,7 +45,8 @@ class GatewayProcess:
                 cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONPATH": str(REPO), **self.env},
             )
-        self.wait_ready(timeout)
+        if wait:
+            self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float = 20.0) -> None:
@@ -91,8 +92,9 @@ def write_config(directory: Path, text: str, name: str = "gateway.yaml") -> Path
 
 
 def start_gateway(directory: Path, config_text: str, *, workers: int = 1,
-                  env: dict[str, str] | None = None, port: int | None = None) -> GatewayProcess:
+                  env: dict[str, str] | None = None, port: int | None = None,
+                  wait: bool = True) -> GatewayProcess:
     port = port or free_port()
     path = write_config(directory, config_text.replace("{port}", str(port)),
                         name=f"gateway-{port}.yaml")
-    return GatewayProcess(path, port, workers, env or {}).start()
+    return GatewayProcess(path, port, workers, env or {}).start(wait=wait)

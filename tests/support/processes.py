@@ -109,7 +109,8 @@ async def refuses_connections(port: int) -> bool:
     """True when nothing accepts on 127.0.0.1:port (a draining gateway has closed its socket)."""
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
+        # Reset: the connection sat in the backlog of a listener that then closed.
         return True
     writer.close()
     return False
