@@ -256,22 +256,15 @@ def create_app(
     return app
 
 
-def reload(app: web.Application) -> bool:
-    """Re-read the config file; on any error log it and keep serving the old config."""
-    runtime = _next_runtime(app)
-    if runtime is None:
-        return False
-    _install(app, runtime)
-    return True
-
-
-async def reload_off_loop(app: web.Application) -> bool:
-    """`reload`, with the parsing and building (YAML, keys, the users file's argon2 calibration
-    hash: up to a second) in a thread, so requests keep being answered meanwhile."""
+async def reload(app: web.Application) -> bool:
+    """Re-read the config file; on any error log it and keep serving the old config. Parsing
+    and building (YAML, keys, the users file's argon2 calibration hash) run in a thread, so
+    requests keep being answered meanwhile."""
     runtime = await asyncio.to_thread(_next_runtime, app)
     if runtime is None:
         return False
-    _install(app, runtime)
+    app[HOLDER].current = runtime  # one assignment: a request sees the old or the new, whole
+    log.info("configuration reloaded from %s", app[CONFIG_PATH])
     return True
 
 
@@ -294,12 +287,12 @@ class Reloader:
         again = True
         while again:
             self._again = False
-            await reload_off_loop(self._app)
+            await reload(self._app)
             again = self._again
 
     async def wait(self) -> None:
         if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+            await self._task
 
 
 def _next_runtime(app: web.Application) -> Runtime | None:
@@ -325,7 +318,3 @@ def _next_runtime(app: web.Application) -> Runtime | None:
         log.error("reload rejected: %s", e)
         return None
 
-
-def _install(app: web.Application, runtime: Runtime) -> None:
-    app[HOLDER].current = runtime  # one assignment: a request sees the old or the new, whole
-    log.info("configuration reloaded from %s", app[CONFIG_PATH])

@@ -119,9 +119,10 @@ def serve(config_path: str, workers: int) -> int:
     hold_hangups()
     config = load_config(config_path)
     setup_logging(config.logging.level)
-    if workers <= 1 or os.environ.get("GATEWAY_WORKER"):
+    supervised = bool(os.environ.get("GATEWAY_WORKER"))
+    if workers <= 1 or supervised:
         install_uvloop()
-        asyncio.run(run_worker(config_path, reuse_port=bool(os.environ.get("GATEWAY_WORKER"))))
+        asyncio.run(run_worker(config_path, reuse_port=supervised))
         return 0
     return supervise(config_path, config, workers)
 

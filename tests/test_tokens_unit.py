@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 import fakeredis
 import pytest
 
-from gateway.app import HOLDER, create_app, reload
+import gateway.app
+from gateway.app import HOLDER, Reloader, create_app, reload
 from gateway.clock import FakeClock
 from gateway.config import load_config_text
 from gateway.tokens import refresh as refresh_module
@@ -374,7 +376,7 @@ async def test_user_disabled_or_deleted_after_login_cannot_refresh(
         text = re.sub(r"  alice:\n(    .*\n)+", "", text)
     assert text != users.read_text()
     users.write_text(text)
-    assert reload(app)
+    assert await reload(app)
 
     assert await refresh_error(client, t1["refresh_token"]) == "session_revoked"
     # The session is over, not just this attempt.
@@ -382,6 +384,38 @@ async def test_user_disabled_or_deleted_after_login_cannot_refresh(
     await refreshed(client, bob["refresh_token"])
     r = await client.post("/auth/login", json={"username": "alice", "password": PASSWORD})
     assert await error_of(r, 401) == "invalid_credentials"
+
+
+async def test_reload_signals_during_a_reload_make_exactly_one_more(
+    aiohttp_client: Any, upstream: Any, fake_redis: Any, clock: FakeClock, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    users = write_users(tmp_path / "users.yaml")
+    config_path = tmp_path / "gateway.yaml"
+    config_path.write_text(gateway_yaml(upstream.url, users).replace("{port}", "0"))
+    app = create_app(load_config_text(config_path.read_text(), str(config_path)),
+                     redis=fake_redis, clock=clock, config_path=str(config_path))
+    await aiohttp_client(app)
+    reading, go_on = threading.Event(), threading.Event()
+    real_load = gateway.app.load_config
+
+    def held_load(path: str) -> Any:  # the first reload stops while it reads the file
+        if not reading.is_set():
+            reading.set()
+            assert go_on.wait(10)
+        return real_load(path)
+
+    monkeypatch.setattr(gateway.app, "load_config", held_load)
+    reloader = Reloader(app)
+    caplog.set_level(logging.INFO, logger="gateway")
+    reloader.request()
+    assert await asyncio.to_thread(reading.wait, 10)
+    reloader.request()  # two more signals while the file is being read: one more reload
+    reloader.request()
+    go_on.set()
+    await asyncio.wait_for(reloader.wait(), 10)
+    done = [r for r in caplog.records if r.getMessage().startswith("configuration reloaded")]
+    assert len(done) == 2
 
 
 async def test_idle_expired_sessions_are_not_listed(unit: Any, clock: FakeClock) -> None:
